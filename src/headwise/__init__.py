@@ -1,0 +1,15 @@
+"""headwise: multi-head attention variants from recent papers behind one interface.
+
+>>> import torch, headwise
+>>> q = k = v = torch.randn(1, 8, 1024, 64)                       # [B, H, N, D]
+>>> out = headwise.attention(q, k, v, headwise.patterns.Causal())
+>>> m = headwise.create("mha", dim=512, heads=8)                    # nn.Module, [B, N, C] -> [B, N, C]
+"""
+
+from headwise import patterns
+from headwise.core import attention, merge_attention
+from headwise.variants import available, create, register
+
+__version__ = "0.1.0"
+
+__all__ = ["attention", "merge_attention", "patterns", "create", "available", "register", "__version__"]

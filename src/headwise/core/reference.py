@@ -1,0 +1,30 @@
+"""The ground truth: materialized scores, a dense boolean mask, softmax. Readable, O(N^2) memory, float64-ready."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from headwise.core.checks import default_scale, lse_dtype
+from headwise.patterns.base import Pattern
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None = None, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale + mask) v with fully-masked rows set to zero; returns ``(out, lse)``.
+
+    Shapes: q ``[B, H, N, D]``, k ``[B, H_kv, M, D]``, v ``[B, H_kv, M, Dv]`` -> out ``[B, H, N, Dv]``,
+    lse ``[B, H, N]`` (``-inf`` on fully-masked rows).
+    """
+    B, H, N, _ = q.shape
+    groups = H // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (B, H, M, D)
+    v = v.repeat_interleave(groups, dim=1)  # (B, H, M, Dv)
+    acc = lse_dtype(q.dtype)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * default_scale(q, scale)  # (B, H, N, M)
+    if pattern is not None:
+        mask = pattern.dense_mask(N, k.shape[2], device=q.device)  # (H or 1, N, M)
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, N)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0)[..., None])  # zero rows stay zero
+    out = torch.matmul(p, v.to(acc)).to(q.dtype)  # (B, H, N, Dv)
+    return out, lse
