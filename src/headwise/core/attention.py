@@ -77,7 +77,7 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 
-# density below which a sparse pattern runs faster on the block-sparse engine than dense masked SDPA
+# fraction of computed pairs below which a sparse pattern runs faster on the block-sparse engine than dense masked SDPA
 _SPARSE_DENSITY = 0.5
 
 
@@ -87,9 +87,9 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, ret
     if pattern is None or isinstance(pattern, Full) or (isinstance(pattern, Causal) and pattern.offset == 0):
         return "sdpa"
     if BACKENDS["blocksparse"].can_run(q, k, v, pattern, return_lse):
-        from headwise.core.blocksparse import estimated_density
+        from headwise.core.blocksparse import computed_fraction
 
-        if estimated_density(pattern, q.shape[2], k.shape[2]) < _SPARSE_DENSITY:
+        if computed_fraction(pattern, q.shape[2], k.shape[2]) < _SPARSE_DENSITY:
             return "blocksparse"
     return "sdpa"
 

@@ -1,0 +1,349 @@
+// Block-sparse attention on CPU: visit only the key tiles of a tile schedule, fused per query tile.
+//
+// Layouts (all contiguous, tokens already in the schedule's permuted order):
+//   q [B, H, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv], out [B, H, Nq, Dv], lse [B, H, Nq]
+//   q_bounds [nQT + 1], kv_bounds [nKT + 1]      tile offsets (int64)
+//   kv_tiles [nQT, V]                             visited key tiles, ascending, -1 padded (int64)
+//   part_idx [nQT, V]                             index into part_mask for partial tiles, -1 for full (int64)
+//   part_mask [nP, TQ, TK]                        element masks of the partial tiles (bool)
+//
+// One work item is (batch, head, query tile). Its visited key tiles are cut into chunks of at most
+// kChunk keys; runs of consecutive tiles that are contiguous in memory become one GEMM (the MKL BLAS
+// that libtorch links). Scores live in a per-thread buffer; chunks merge by the online softmax.
+// Masked scores hold a large negative sentinel instead of -inf (the exp loops are vectorized); rows with no visible key end with l == 0 and are written as zeros, lse = -inf.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+// Fortran BLAS from the MKL that libtorch_cpu links and exports (column-major, 32-bit ints).
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+int MKL_Set_Num_Threads_Local(int nt);  // per-thread MKL threads: 1 inside our parallel loop
+}
+
+namespace {
+
+inline void blas_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+                      int ldb, float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void blas_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
+                      int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+constexpr int64_t kChunk = 1024;
+
+// exp for the softmax loops. float: Cephes-style range reduction and a degree-6 polynomial (about 1 ulp),
+// branch-free so that -O3 vectorizes it (libm's expf is a scalar call here); arguments below -87.3, masked
+// scores included, give exactly 0. double keeps libm's exp (the float64 path is for verification).
+inline float fast_exp(float x) {
+  const bool under = x < -87.3f;
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return under ? 0.0f : y * scale;
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+template <typename T> constexpr T masked_value() { return T(-1e30); }
+template <> constexpr double masked_value<double>() { return -1e300; }
+
+// Row-major C[M][N] = alpha * op(A) op(B) + beta * C, via column-major BLAS on the transposes.
+template <typename T>
+inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+                    const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  blas_gemm(tb ? 'T' : 'N', ta ? 'T' : 'N', int(N), int(M), int(K), alpha, B, int(ldb), A, int(lda), beta, C, int(ldc));
+}
+
+struct Segment {   // a contiguous run of keys inside a chunk
+  int64_t start;   // first key (token position)
+  int64_t len;     // number of keys
+  int64_t col;     // first column in the chunk's score buffer
+};
+
+struct Partial {   // a partial tile inside a chunk: where its element mask goes
+  int64_t mask;    // index into part_mask
+  int64_t col;     // first column in the chunk's score buffer
+  int64_t len;     // keys in the tile
+};
+
+struct Chunk {
+  std::vector<Segment> segs;
+  std::vector<Partial> parts;
+  int64_t width = 0;
+};
+
+// Cut the visited tiles of one query tile into chunks of <= kChunk keys.
+std::vector<Chunk> make_chunks(const int64_t* tiles, const int64_t* pidx, int64_t V, const int64_t* kvb) {
+  std::vector<Chunk> chunks;
+  Chunk cur;
+  for (int64_t j = 0; j < V; ++j) {
+    const int64_t t = tiles[j];
+    if (t < 0) break;
+    const int64_t s = kvb[t], len = kvb[t + 1] - kvb[t];
+    if (cur.width > 0 && cur.width + len > kChunk) {
+      chunks.push_back(std::move(cur));
+      cur = Chunk();
+    }
+    if (!cur.segs.empty() && cur.segs.back().start + cur.segs.back().len == s) {
+      cur.segs.back().len += len;
+    } else {
+      cur.segs.push_back({s, len, cur.width});
+    }
+    if (pidx[j] >= 0) cur.parts.push_back({pidx[j], cur.width, len});
+    cur.width += len;
+  }
+  if (cur.width > 0) chunks.push_back(std::move(cur));
+  return chunks;
+}
+
+template <typename T>
+inline void apply_partial_masks(const Chunk& c, T* S, int64_t ld, int64_t rows, const bool* pmask, int64_t TQ,
+                                int64_t TK) {
+  for (const Partial& p : c.parts) {
+    const bool* m = pmask + p.mask * TQ * TK;
+    for (int64_t r = 0; r < rows; ++r) {
+      T* srow = S + r * ld + p.col;
+      const bool* mrow = m + r * TK;
+      for (int64_t x = 0; x < p.len; ++x) srow[x] = mrow[x] ? srow[x] : masked_value<T>();
+    }
+  }
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_bounds,
+                  const at::Tensor& kv_bounds, const at::Tensor& kv_tiles, const at::Tensor& part_idx,
+                  const at::Tensor& part_mask, double scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
+  const int64_t group = H / Hkv;
+  const int64_t nQT = q_bounds.numel() - 1, V = kv_tiles.size(1);
+  const int64_t TQ = part_mask.size(1), TK = part_mask.size(2);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  T* lp = lse.data_ptr<T>();
+  const int64_t* qb = q_bounds.data_ptr<int64_t>();
+  const int64_t* kvb = kv_bounds.data_ptr<int64_t>();
+  const int64_t* tiles = kv_tiles.data_ptr<int64_t>();
+  const int64_t* pidx = part_idx.data_ptr<int64_t>();
+  const bool* pmask = part_mask.data_ptr<bool>();
+  int64_t max_rows = 0;
+  for (int64_t t = 0; t < nQT; ++t) max_rows = std::max(max_rows, qb[t + 1] - qb[t]);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+
+  at::parallel_for(0, B * H * nQT, 1, [&](int64_t begin, int64_t end) {
+    const int mkl_prev = MKL_Set_Num_Threads_Local(1);
+    std::vector<T> S(max_rows * kChunk), acc(max_rows * Dv), m(max_rows), l(max_rows);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qt = item % nQT, bh = item / nQT, b = bh / H, h = bh % H;
+      const int64_t r0 = qb[qt], rows = qb[qt + 1] - r0;
+      const T* Q = qp + (bh * Nq + r0) * D;
+      const T* K = kp + (b * Hkv + h / group) * Nk * D;
+      const T* Vv = vp + (b * Hkv + h / group) * Nk * Dv;
+      std::fill(acc.begin(), acc.begin() + rows * Dv, T(0));
+      std::fill(m.begin(), m.begin() + rows, masked_value<T>());
+      std::fill(l.begin(), l.begin() + rows, T(0));
+      for (const Chunk& c : make_chunks(tiles + qt * V, pidx + qt * V, V, kvb)) {
+        const int64_t W = c.width;
+        for (const Segment& s : c.segs)
+          gemm_rm<T>(false, true, rows, s.len, D, T(scale), Q, D, K + s.start * D, D, T(0), S.data() + s.col, W);
+        apply_partial_masks<T>(c, S.data(), W, rows, pmask, TQ, TK);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* srow = S.data() + r * W;
+          T mx = masked_value<T>();
+          for (int64_t x = 0; x < W; ++x) mx = std::max(mx, srow[x]);
+          const T m_new = std::max(m[r], mx);
+          if (m_new <= masked_value<T>() / 2) {  // nothing visible yet in this row
+            std::fill(srow, srow + W, T(0));
+            continue;
+          }
+          const T alpha = fast_exp(m[r] - m_new);
+          T sum = 0;
+          for (int64_t x = 0; x < W; ++x) {
+            const T e = fast_exp(srow[x] - m_new);
+            srow[x] = e;
+            sum += e;
+          }
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+          if (alpha != T(1)) {
+            T* arow = acc.data() + r * Dv;
+            for (int64_t x = 0; x < Dv; ++x) arow[x] *= alpha;
+          }
+        }
+        for (const Segment& s : c.segs)
+          gemm_rm<T>(false, false, rows, Dv, s.len, T(1), S.data() + s.col, W, Vv + s.start * Dv, Dv, T(1), acc.data(), Dv);
+      }
+      T* O = op + (bh * Nq + r0) * Dv;
+      T* L = lp + bh * Nq + r0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
+        for (int64_t x = 0; x < Dv; ++x) O[r * Dv + x] = acc[r * Dv + x] * inv;
+        L[r] = l[r] > T(0) ? m[r] + std::log(l[r]) : neg_inf;
+      }
+    }
+    MKL_Set_Num_Threads_Local(mkl_prev);
+  });
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+                   const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& q_bounds,
+                   const at::Tensor& kv_bounds, const at::Tensor& kv_tiles, const at::Tensor& part_idx,
+                   const at::Tensor& part_mask, double scale, at::Tensor& dq, at::Tensor& dk_all,
+                   at::Tensor& dv_all) {
+  // dk_all / dv_all: [threads, B, Hkv, Nk, D or Dv], one private accumulator per thread, summed by the caller.
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
+  const int64_t group = H / Hkv;
+  const int64_t nQT = q_bounds.numel() - 1, V = kv_tiles.size(1);
+  const int64_t TQ = part_mask.size(1), TK = part_mask.size(2);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* dop = dout.data_ptr<T>();
+  const T* lp = lse.data_ptr<T>();
+  const T* dlp = delta.data_ptr<T>();
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk_all.data_ptr<T>();
+  T* dvp = dv_all.data_ptr<T>();
+  const int64_t* qb = q_bounds.data_ptr<int64_t>();
+  const int64_t* kvb = kv_bounds.data_ptr<int64_t>();
+  const int64_t* tiles = kv_tiles.data_ptr<int64_t>();
+  const int64_t* pidx = part_idx.data_ptr<int64_t>();
+  const bool* pmask = part_mask.data_ptr<bool>();
+  const int64_t n_slots = dk_all.size(0);
+  const int64_t dk_slot = B * Hkv * Nk * D, dv_slot = B * Hkv * Nk * Dv;
+  int64_t max_rows = 0;
+  for (int64_t t = 0; t < nQT; ++t) max_rows = std::max(max_rows, qb[t + 1] - qb[t]);
+
+  // Static split into n_slots contiguous ranges, one accumulator each (no races on dk/dv).
+  const int64_t total = B * H * nQT;
+  at::parallel_for(0, n_slots, 1, [&](int64_t sbegin, int64_t send) {
+    const int mkl_prev = MKL_Set_Num_Threads_Local(1);
+    std::vector<T> P(max_rows * kChunk), dP(max_rows * kChunk);
+    for (int64_t slot = sbegin; slot < send; ++slot) {
+      T* DK = dkp + slot * dk_slot;
+      T* DV = dvp + slot * dv_slot;
+      const int64_t ibeg = total * slot / n_slots, iend = total * (slot + 1) / n_slots;
+      for (int64_t item = ibeg; item < iend; ++item) {
+        const int64_t qt = item % nQT, bh = item / nQT, b = bh / H, h = bh % H;
+        const int64_t r0 = qb[qt], rows = qb[qt + 1] - r0;
+        const int64_t kvh = b * Hkv + h / group;
+        const T* Q = qp + (bh * Nq + r0) * D;
+        const T* dO = dop + (bh * Nq + r0) * Dv;
+        const T* L = lp + bh * Nq + r0;
+        const T* Dl = dlp + bh * Nq + r0;
+        T* dQ = dqp + (bh * Nq + r0) * D;
+        const T* K = kp + kvh * Nk * D;
+        const T* Vv = vp + kvh * Nk * Dv;
+        T* dK = DK + kvh * Nk * D;
+        T* dV = DV + kvh * Nk * Dv;
+        for (const Chunk& c : make_chunks(tiles + qt * V, pidx + qt * V, V, kvb)) {
+          const int64_t W = c.width;
+          for (const Segment& s : c.segs)
+            gemm_rm<T>(false, true, rows, s.len, D, T(scale), Q, D, K + s.start * D, D, T(0), P.data() + s.col, W);
+          apply_partial_masks<T>(c, P.data(), W, rows, pmask, TQ, TK);
+          for (int64_t r = 0; r < rows; ++r) {
+            T* prow = P.data() + r * W;
+            const T lr = L[r];
+            if (!(lr > masked_value<T>() / 2)) {  // row with no visible key (lse = -inf)
+              std::fill(prow, prow + W, T(0));
+              continue;
+            }
+            for (int64_t x = 0; x < W; ++x) prow[x] = fast_exp(prow[x] - lr);
+          }
+          for (const Segment& s : c.segs) {
+            // dV += P^T dO ; dP = dO V^T
+            gemm_rm<T>(true, false, s.len, Dv, rows, T(1), P.data() + s.col, W, dO, Dv, T(1), dV + s.start * Dv, Dv);
+            gemm_rm<T>(false, true, rows, s.len, Dv, T(1), dO, Dv, Vv + s.start * Dv, Dv, T(0), dP.data() + s.col, W);
+          }
+          for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), stored in dP
+            T* prow = P.data() + r * W;
+            T* drow = dP.data() + r * W;
+            const T dl = Dl[r];
+            for (int64_t x = 0; x < W; ++x) drow[x] = prow[x] * (drow[x] - dl);
+          }
+          for (const Segment& s : c.segs) {
+            // dQ += scale dS K ; dK += scale dS^T Q
+            gemm_rm<T>(false, false, rows, D, s.len, T(scale), dP.data() + s.col, W, K + s.start * D, D, T(1), dQ, D);
+            gemm_rm<T>(true, false, s.len, D, rows, T(scale), dP.data() + s.col, W, Q, D, T(1), dK + s.start * D, D);
+          }
+        }
+      }
+    }
+    MKL_Set_Num_Threads_Local(mkl_prev);
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_bounds,
+                  const at::Tensor& kv_bounds, const at::Tensor& kv_tiles, const at::Tensor& part_idx,
+                  const at::Tensor& part_mask) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(q_bounds.scalar_type() == at::kLong && kv_bounds.scalar_type() == at::kLong, "bounds must be int64");
+  TORCH_CHECK(kv_tiles.scalar_type() == at::kLong && part_idx.scalar_type() == at::kLong, "tiles must be int64");
+  TORCH_CHECK(part_mask.scalar_type() == at::kBool && part_mask.dim() == 3 && part_mask.is_contiguous(), "bad part_mask");
+  TORCH_CHECK(kv_tiles.is_contiguous() && part_idx.is_contiguous() && kv_tiles.sizes() == part_idx.sizes(), "bad tiles");
+}
+
+std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_bounds, at::Tensor kv_bounds,
+                                at::Tensor kv_tiles, at::Tensor part_idx, at::Tensor part_mask, double scale) {
+  check_inputs(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask);
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "blocksparse_forward", [&] {
+    forward_impl<scalar_t>(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask, scale, out, lse);
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor lse,
+                                 at::Tensor delta, at::Tensor q_bounds, at::Tensor kv_bounds, at::Tensor kv_tiles,
+                                 at::Tensor part_idx, at::Tensor part_mask, double scale) {
+  check_inputs(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask);
+  TORCH_CHECK(dout.is_contiguous() && lse.is_contiguous() && delta.is_contiguous(), "dout, lse, delta must be contiguous");
+  const int64_t slots = std::max<int64_t>(1, at::get_num_threads());
+  auto dq = at::zeros_like(q);
+  auto dk_all = at::zeros({slots, k.size(0), k.size(1), k.size(2), k.size(3)}, k.options());
+  auto dv_all = at::zeros({slots, v.size(0), v.size(1), v.size(2), v.size(3)}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "blocksparse_backward", [&] {
+    backward_impl<scalar_t>(q, k, v, dout, lse, delta, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask, scale,
+                            dq, dk_all, dv_all);
+  });
+  return {dq, dk_all.sum(0), dv_all.sum(0)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
+  m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv)");
+}
