@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from headwise.core.checks import default_scale, lse_dtype
-from headwise.patterns.base import Full, Pattern, TileSchedule
+from headwise.patterns.base import Full, Pattern, TileSchedule, tile_masks
 
 log = logging.getLogger("headwise.core.blocksparse")
 
@@ -72,28 +72,11 @@ def build_plan(pattern: Pattern, n_q: int, n_kv: int, tile_q: int = TILE_Q, tile
                head: int | None = None) -> BlockPlan:
     """Schedule ``pattern`` and evaluate the element masks of its partial tiles."""
     s = pattern.tile_schedule(n_q, n_kv, tile_q, tile_kv, head=head)
-    q_sizes, kv_sizes = s.q_bounds.diff(), s.kv_bounds.diff()
-    tq, tk = int(q_sizes.max()), int(kv_sizes.max())
     partial = s.visited & ~s.full  # (n_qt, V)
     part_idx = torch.full(s.kv_tiles.shape, -1, dtype=torch.long)
     qt_of, slot = partial.nonzero(as_tuple=True)
     part_idx[qt_of, slot] = torch.arange(qt_of.numel())
-    kt_of = s.kv_tiles[qt_of, slot]
-    # original token ids of each partial tile's rows and columns (padding -> -1, masked out)
-    r = torch.arange(tq)
-    c = torch.arange(tk)
-    q_pos = s.q_bounds[qt_of, None] + r  # (P, tq) permuted positions
-    kv_pos = s.kv_bounds[kt_of, None] + c  # (P, tk)
-    q_ok = r[None] < q_sizes[qt_of, None]
-    kv_ok = c[None] < kv_sizes[kt_of, None]
-    q_ids = q_pos.clamp(max=n_q - 1) if s.q_perm is None else s.q_perm[q_pos.clamp(max=n_q - 1)]
-    kv_ids = kv_pos.clamp(max=n_kv - 1) if s.kv_perm is None else s.kv_perm[kv_pos.clamp(max=n_kv - 1)]
-    part_mask = torch.zeros(qt_of.numel(), tq, tk, dtype=torch.bool)
-    step = max(1, (1 << 22) // max(tq * tk, 1))
-    for p0 in range(0, qt_of.numel(), step):  # bounded memory
-        sl = slice(p0, p0 + step)
-        m = pattern.mask(q_ids[sl, :, None], kv_ids[sl, None, :], head)  # (p, tq, tk)
-        part_mask[sl] = m & q_ok[sl, :, None] & kv_ok[sl, None, :]
+    part_mask = tile_masks(pattern, s, qt_of, s.kv_tiles[qt_of, slot], head)  # (P, tq, tk)
     q_inv = None if s.q_perm is None else torch.argsort(s.q_perm)
     return BlockPlan(s, part_idx.contiguous(), part_mask.contiguous(), q_inv)
 

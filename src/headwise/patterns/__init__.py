@@ -1,5 +1,10 @@
 """Attention patterns: which (query, key) pairs may attend, as a predicate and an exact tile schedule."""
 
 from headwise.patterns.base import Causal, Full, Intersection, Pattern, PerHead, TileSchedule, Union
+from headwise.patterns.neighborhood import Neighborhood, blocked
+from headwise.patterns.segments import KeyMask, Segments
+from headwise.patterns.spec import PATTERNS, from_spec
+from headwise.patterns.window import SlidingWindow
 
-__all__ = ["Pattern", "TileSchedule", "Full", "Causal", "Union", "Intersection", "PerHead"]
+__all__ = ["Pattern", "TileSchedule", "Full", "Causal", "Union", "Intersection", "PerHead",
+           "Neighborhood", "blocked", "SlidingWindow", "Segments", "KeyMask", "PATTERNS", "from_spec"]
