@@ -35,6 +35,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for kw in tree.keywords:
         if kw.arg is None:
             raise ValueError(f"malformed variant spec {spec!r}: ** is not allowed")
+        if kw.arg in kwargs:
+            raise ValueError(f"malformed variant spec {spec!r}: repeated key {kw.arg!r}")
         try:
             kwargs[kw.arg] = ast.literal_eval(kw.value)
         except ValueError:

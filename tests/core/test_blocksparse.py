@@ -108,3 +108,10 @@ def test_plan_cache_reuses_hashable_patterns():
     a = bs.make_plan(SlidingWindow(5), 100, 100)
     b = bs.make_plan(SlidingWindow(5), 100, 100)
     assert a is b
+
+
+def test_cpu_kernel_builds(monkeypatch):
+    """The fused kernel must build on our machines (gcc + the pip ninja); the PyTorch executor is only a fallback."""
+    if bs.os.environ.get("HEADWISE_NO_EXTENSION"):
+        pytest.skip("extension disabled by HEADWISE_NO_EXTENSION")
+    assert bs.extension() is not None, bs._EXT_ERROR

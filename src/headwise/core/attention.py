@@ -83,9 +83,12 @@ _SPARSE_DENSITY = 0.5
 
 def choose_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, return_lse: bool = False) -> str:
     """The backend ``"auto"`` picks: dense SDPA for full and plain causal attention (its fused kernels are
-    the fastest there), the block-sparse engine for sparse patterns, SDPA with a mask otherwise."""
+    the fastest there); for sparse patterns compiled FlexAttention on GPUs and the block-sparse engine on CPU;
+    SDPA with a mask when the pattern is too dense for sparsity to pay."""
     if pattern is None or isinstance(pattern, Full) or (isinstance(pattern, Causal) and pattern.offset == 0):
         return "sdpa"
+    if q.device.type == "cuda" and BACKENDS["flex"].can_run(q, k, v, pattern, return_lse):
+        return "flex"
     if BACKENDS["blocksparse"].can_run(q, k, v, pattern, return_lse):
         from headwise.core.blocksparse import computed_fraction
 

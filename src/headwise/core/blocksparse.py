@@ -141,6 +141,7 @@ def extension():
             try:
                 from torch.utils import cpp_extension
 
+                _put_ninja_on_path()
                 src = _SOURCE.read_text()
                 tag = hashlib.sha1((src + " ".join(_CFLAGS) + torch.__version__).encode()).hexdigest()[:12]
                 build = Path(os.environ.get("HEADWISE_BUILD_DIR", Path.home() / ".cache" / "headwise")) / tag
@@ -154,6 +155,17 @@ def extension():
                 _EXT_ERROR = f"{type(e).__name__}: {e}"
                 log.warning("block-sparse CPU kernel unavailable, using the PyTorch executor: %s", _EXT_ERROR)
     return _EXT
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the pip package's binary is not there outside an activated venv."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    if bin_dir and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
 class _BlockSparseCPU(torch.autograd.Function):

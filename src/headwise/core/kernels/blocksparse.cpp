@@ -134,6 +134,15 @@ inline void apply_partial_masks(const Chunk& c, T* S, int64_t ld, int64_t rows, 
   }
 }
 
+// S[rows][c.width] = scale * Q K^T over the chunk's keys, masked on its partial tiles.
+template <typename T>
+inline void chunk_scores(const Chunk& c, const T* Q, const T* K, int64_t rows, int64_t D, T scale, T* S,
+                         const bool* pmask, int64_t TQ, int64_t TK) {
+  for (const Segment& s : c.segs)
+    gemm_rm<T>(false, true, rows, s.len, D, scale, Q, D, K + s.start * D, D, T(0), S + s.col, c.width);
+  apply_partial_masks<T>(c, S, c.width, rows, pmask, TQ, TK);
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_bounds,
                   const at::Tensor& kv_bounds, const at::Tensor& kv_tiles, const at::Tensor& part_idx,
@@ -171,9 +180,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(l.begin(), l.begin() + rows, T(0));
       for (const Chunk& c : make_chunks(tiles + qt * V, pidx + qt * V, V, kvb)) {
         const int64_t W = c.width;
-        for (const Segment& s : c.segs)
-          gemm_rm<T>(false, true, rows, s.len, D, T(scale), Q, D, K + s.start * D, D, T(0), S.data() + s.col, W);
-        apply_partial_masks<T>(c, S.data(), W, rows, pmask, TQ, TK);
+        chunk_scores<T>(c, Q, K, rows, D, T(scale), S.data(), pmask, TQ, TK);
         for (int64_t r = 0; r < rows; ++r) {
           T* srow = S.data() + r * W;
           T mx = masked_value<T>();
@@ -267,9 +274,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         T* dV = DV + kvh * Nk * Dv;
         for (const Chunk& c : make_chunks(tiles + qt * V, pidx + qt * V, V, kvb)) {
           const int64_t W = c.width;
-          for (const Segment& s : c.segs)
-            gemm_rm<T>(false, true, rows, s.len, D, T(scale), Q, D, K + s.start * D, D, T(0), P.data() + s.col, W);
-          apply_partial_masks<T>(c, P.data(), W, rows, pmask, TQ, TK);
+          chunk_scores<T>(c, Q, K, rows, D, T(scale), P.data(), pmask, TQ, TK);
           for (int64_t r = 0; r < rows; ++r) {
             T* prow = P.data() + r * W;
             const T lr = L[r];
