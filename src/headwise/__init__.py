@@ -6,10 +6,11 @@
 >>> m = headwise.create("mha", dim=512, heads=8)                    # nn.Module, [B, N, C] -> [B, N, C]
 """
 
-from headwise import patterns
+from headwise import linear, patterns
 from headwise.core import attention, merge_attention
 from headwise.variants import available, create, register
+from headwise.variants.softmax import MultiHeadAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "merge_attention", "patterns", "create", "available", "register", "__version__"]
+__all__ = ["attention", "merge_attention", "patterns", "linear", "create", "available", "register", "MultiHeadAttention", "__version__"]

@@ -142,3 +142,16 @@ def test_pattern_size_errors():
 
     with pytest.raises(ValueError, match="heads"):
         attention(q, k, v, PerHead([Causal(), Full()]))
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "blocksparse"])
+def test_lse_carries_gradients(backend):
+    """Training code merges partial results through the lse: its gradient must be exact in every backend."""
+    q, k, v = (t.requires_grad_() for t in _qkv(N=40, M=40))
+    for p in (None, SlidingWindow(5)):
+        _, lse = attention(q, k, v, p, backend=backend, return_lse=True)
+        _, ref = attention(q, k, v, p, backend="reference", return_lse=True)
+        got = torch.autograd.grad(lse.sum(), (q, k))  # the lse does not depend on v
+        want = torch.autograd.grad(ref.sum(), (q, k))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0)

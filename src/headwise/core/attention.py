@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from headwise.core.checks import check_qkv
@@ -84,7 +85,11 @@ _SPARSE_DENSITY = 0.5
 def choose_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, return_lse: bool = False) -> str:
     """The backend ``"auto"`` picks: dense SDPA for full and plain causal attention (its fused kernels are
     the fastest there); for sparse patterns compiled FlexAttention on GPUs and the block-sparse engine on CPU;
-    SDPA with a mask when the pattern is too dense for sparsity to pay."""
+    SDPA with a mask when the pattern is too dense for sparsity to pay. The log-sum-exp with gradients (for
+    merging partial results in training) always comes from the block-sparse engine."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if return_lse and needs_grad:  # SDPA's fused kernels give no lse gradient; the engine does, in O(N) memory
+        return "blocksparse"
     if pattern is None or isinstance(pattern, Full) or (isinstance(pattern, Causal) and pattern.offset == 0):
         return "sdpa"
     if q.device.type == "cuda" and BACKENDS["flex"].can_run(q, k, v, pattern, return_lse):

@@ -1,7 +1,7 @@
 """FlexAttention backend: the pattern's predicate as a ``mask_mod``, a block mask, ``flex_attention``.
 
 On CUDA it runs compiled, forward and backward. On CPU, PyTorch's compiled FlexAttention is inference-only
-(no backward), so the backend declines CPU cases that need gradients. Block masks and the compiled function
+(no backward, no log-sum-exp), so the backend declines CPU cases that need gradients or the lse. Block masks and the compiled function
 are cached per (pattern, shape).
 """
 
@@ -35,8 +35,10 @@ def _needs_grad(*ts: Tensor) -> bool:
 def can_run(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, return_lse: bool) -> bool:
     if not available():
         return False
-    if q.device.type == "cpu":
-        return not _needs_grad(q, k, v) and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if q.device.type == "cpu":  # compiled Flex on CPU: forward only, no lse
+        compiled = not os.environ.get("HEADWISE_FLEX_EAGER")
+        return (not _needs_grad(q, k, v) and not (return_lse and compiled)
+                and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
     return q.device.type == "cuda"
 
 
@@ -82,6 +84,9 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, sca
     bm = block_mask_for(pattern, q.shape[2], k.shape[2], q.device)
     fn = _compiled() if compile else flex
     kwargs = dict(block_mask=bm, scale=default_scale(q, scale), enable_gqa=k.shape[1] != q.shape[1])
+    if not return_lse:  # compiled Flex on CPU cannot return the lse; rows with no key come back NaN there
+        out = fn(q, k, v, **kwargs)
+        return torch.nan_to_num(out, nan=0.0), None
     try:
         from torch.nn.attention.flex_attention import AuxRequest
 

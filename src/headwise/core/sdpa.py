@@ -25,7 +25,9 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, sca
         groups = H // k.shape[1]
         ke = k.repeat_interleave(groups, dim=1) if groups > 1 else k  # (B, H, M, D)
         ve = v.repeat_interleave(groups, dim=1) if groups > 1 else v  # (B, H, M, Dv)
-        if q.device.type == "cpu" and q.shape[-1] == v.shape[-1]:
+        # the fused kernel's lse has no gradient: with autograd on, the (O(N^2)-memory) math path
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and not needs_grad:
             bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, ke, ve, 0.0, is_causal, attn_mask=None if bias is None else bias[None], scale=scale

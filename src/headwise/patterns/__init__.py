@@ -4,7 +4,9 @@ from headwise.patterns.base import Causal, Full, Intersection, Pattern, PerHead,
 from headwise.patterns.neighborhood import Neighborhood, blocked
 from headwise.patterns.segments import KeyMask, Segments
 from headwise.patterns.spec import PATTERNS, from_spec
+from headwise.patterns.structured import ConvWindow, Halo, Isolation, MaxViTBlock, MaxViTGrid, Radial, RegionAttention, S2Shards
 from headwise.patterns.window import SlidingWindow
 
 __all__ = ["Pattern", "TileSchedule", "Full", "Causal", "Union", "Intersection", "PerHead",
-           "Neighborhood", "blocked", "SlidingWindow", "Segments", "KeyMask", "PATTERNS", "from_spec"]
+           "Neighborhood", "blocked", "SlidingWindow", "Segments", "KeyMask", "PATTERNS", "from_spec",
+           "MaxViTBlock", "MaxViTGrid", "Halo", "ConvWindow", "Radial", "S2Shards", "RegionAttention", "Isolation"]

@@ -8,6 +8,7 @@ from typing import Any, Callable
 from headwise.patterns.base import Causal, Full, Pattern
 from headwise.patterns.neighborhood import Neighborhood, blocked
 from headwise.patterns.segments import Segments
+from headwise.patterns.structured import ConvWindow, Halo, Isolation, MaxViTBlock, MaxViTGrid, Radial, RegionAttention, S2Shards
 from headwise.patterns.window import SlidingWindow
 from headwise.spec import parse_spec
 
@@ -20,6 +21,14 @@ PATTERNS: dict[str, Callable[..., Pattern]] = {
     "blocked": blocked,
     "window": SlidingWindow,
     "segments": Segments,
+    "maxvit_block": MaxViTBlock,
+    "maxvit_grid": MaxViTGrid,
+    "halo": Halo,
+    "conv_window": ConvWindow,
+    "radial": Radial,
+    "s2": S2Shards,
+    "region": RegionAttention,
+    "isolation": Isolation,
 }
 
 

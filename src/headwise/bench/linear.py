@@ -1,0 +1,328 @@
+"""The linear-attention benchmark: time per token of Lightning Attention-2 (``chunk_linear_attention``) against
+dense causal SDPA and the naive quadratic form, measured in one run.
+
+Each row is one implementation at one sequence length ``N`` and one pass (fp32, ``q, k, v`` of shape
+``[B, H, N, D]``, default ``B = 1, H = 8, D = 64``, ``N`` in 1024, 4096, 16384, 65536):
+
+* ``impl``: ``"chunk"`` (:func:`headwise.linear.chunk_linear_attention`, per-head decay, block 64),
+  ``"naive"`` (:func:`headwise.linear.naive_linear_attention`, the materialized ``((Q K^T) * M) V``) or
+  ``"sdpa_causal"`` (dense causal softmax attention, ``headwise.attention(..., Causal(), backend="sdpa")``).
+* ``pass``: ``"fwd"`` (under ``torch.no_grad()``) or ``"fwd+bwd"`` (forward, then backward of a fixed random
+  output gradient into ``q, k, v``).
+* ``ms``: the minimum of the timed calls after one warm-up (``ms_median``: their median; ``first_ms``: the
+  warm-up), via :func:`headwise.bench.timing.time_call`; ``us_per_token = 1000 ms / N``.
+* ``vs_sdpa``: ``sdpa_causal ms / ms`` at the same ``N`` and pass (above 1: faster than dense causal SDPA).
+
+The quadratic implementations are skipped, with a note saying why, where one call would take over
+``max_call_s`` (default 60 s; extrapolated as ``N^2`` from the last length measured) or, for the naive form,
+where its ``[B, H, N, N]`` tensors would not fit in half the available memory. :func:`summarize` gives the
+papers' two claims as numbers: how flat the chunked op's time per token is across ``N`` (max / min), and its
+speedup over causal SDPA. Use :func:`run` from code, ``headwise bench linear`` from the shell.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+import headwise
+from headwise.bench.patterns import Column, cells, cpu_model, fmt_ms
+from headwise.bench.timing import time_call
+from headwise.linear import chunk_linear_attention, decay_rates, naive_linear_attention
+from headwise.patterns import Causal
+
+__all__ = ["run", "summarize", "to_markdown", "to_rich_table", "add_arguments", "main", "IMPLS", "PASSES"]
+
+LENGTHS = (1024, 4096, 16384, 65536)
+QUICK_LENGTHS = (1024, 4096)
+IMPLS = ("chunk", "naive", "sdpa_causal")
+PASSES = ("fwd", "fwd+bwd")
+QUADRATIC = ("naive", "sdpa_causal")
+# peak memory of the naive form, in [B, H, N, N] fp32 tensors (measured about 3.5 at N = 2048, fwd and fwd+bwd)
+NAIVE_SCORE_TENSORS = 4
+
+
+def _ops(block_size: int, lam: torch.Tensor) -> dict[str, Callable]:
+    return {
+        "chunk": lambda q, k, v: chunk_linear_attention(q, k, v, lam, block_size=block_size)[0],
+        "naive": lambda q, k, v: naive_linear_attention(q, k, v, lam)[0],
+        "sdpa_causal": lambda q, k, v: headwise.attention(q, k, v, Causal(), backend="sdpa"),
+    }
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _skip_reason(impl: str, n: int, batch: int, heads: int, last: tuple[int, float] | None,
+                 max_call_s: float | None) -> str | None:
+    """Why a quadratic implementation is not measured at ``n`` (None: measure it)."""
+    if impl not in QUADRATIC:
+        return None
+    if impl == "naive":
+        need = NAIVE_SCORE_TENSORS * batch * heads * n * n * 4
+        avail = _available_bytes()
+        if avail is not None and need > avail / 2:
+            return (f"skipped: the naive form holds about {NAIVE_SCORE_TENSORS} [B, H, N, N] fp32 tensors, "
+                    f"{need / 2**30:.0f} GiB, over half the {avail / 2**30:.0f} GiB available")
+    if last is not None and max_call_s is not None:
+        n0, ms0 = last
+        estimate_s = ms0 * (n / n0) ** 2 / 1e3
+        if estimate_s > max_call_s:
+            return (f"skipped: one call would take about {estimate_s:.0f} s (N^2 from {ms0:.0f} ms at N={n0}), "
+                    f"over max_call_s={max_call_s:g}")
+    return None
+
+
+def bench_one(op: Callable, q, k, v, grad, pass_: str, repeats: int, max_s: float | None):
+    """Time ``op(q, k, v)`` forward (``"fwd"``) or forward and backward (``"fwd+bwd"``)."""
+    if pass_ == "fwd":
+        def call():
+            with torch.no_grad():
+                return op(q, k, v)
+    else:
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+        def call():
+            for t in leaves:
+                t.grad = None
+            out = op(*leaves)
+            out.backward(grad)
+            return out
+    return time_call(call, repeats, None, max_s)
+
+
+def _header(*, batch, heads, head_dim, block_size, lengths, impls, passes, repeats, max_call_s, seed) -> dict:
+    return {
+        "tool": "headwise bench linear",
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "headwise": headwise.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
+        "platform": platform.platform(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "loadavg_at_start": _loadavg(),  # other processes on a shared machine slow the timings
+        "dtype": "float32",
+        "batch": batch,
+        "heads": heads,
+        "head_dim": head_dim,
+        "block_size": block_size,
+        "decay": "headwise.linear.decay_rates(heads) (chunk and naive)",
+        "lengths": list(lengths),
+        "impls": list(impls),
+        "passes": list(passes),
+        "repeats": repeats,
+        "max_call_s": max_call_s,
+        "seed": seed,
+        "timing": "one warm-up call, then min (ms) and median (ms_median) of the repeats, time.perf_counter; "
+        "fwd under torch.no_grad(), fwd+bwd backpropagates a fixed random output gradient into q, k, v",
+    }
+
+
+def run(
+    quick: bool = False,
+    json_path: str | os.PathLike | None = None,
+    *,
+    lengths: Sequence[int] | None = None,
+    impls: Sequence[str] = IMPLS,
+    passes: Sequence[str] = PASSES,
+    batch: int = 1,
+    heads: int = 8,
+    head_dim: int = 64,
+    block_size: int = 64,
+    repeats: int | None = None,
+    max_call_s: float | None = 60.0,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure the implementations at each length and pass; returns the rows (fields in the module docstring).
+
+    ``quick``: ``N`` in 1024 and 4096 and 2 timed calls (default: up to 65536, 3 calls). ``max_call_s``: skip a
+    quadratic implementation where one call would take longer (None: never skip on time). ``json_path``: also
+    write ``{"header": ..., "summary": ..., "rows": ...}`` there. ``progress(message)`` is called before each
+    measurement.
+    """
+    for name, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim), ("block_size", block_size),
+                        ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+            raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+    lengths = tuple(lengths) if lengths is not None else (QUICK_LENGTHS if quick else LENGTHS)
+    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+        raise ValueError(f"lengths must be positive ints, got lengths={lengths!r}")
+    for name, chosen, valid in (("impls", impls, IMPLS), ("passes", passes, PASSES)):
+        if isinstance(chosen, str) or not chosen or any(c not in valid for c in chosen):
+            raise ValueError(f"{name} must be a non-empty sequence of {', '.join(map(repr, valid))}, got {name}={chosen!r}")
+    repeats = repeats if repeats is not None else (2 if quick else 3)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got repeats={repeats!r}")
+    if max_call_s is not None and not max_call_s > 0:
+        raise ValueError(f"max_call_s must be positive or None, got max_call_s={max_call_s!r}")
+    ops = _ops(block_size, decay_rates(heads))
+    rows: list[dict[str, Any]] = []
+    last: dict[tuple[str, str], tuple[int, float]] = {}  # (impl, pass) -> (N, ms) of the latest measurement
+    for n in sorted(lengths):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v, grad = (torch.randn(batch, heads, n, head_dim, generator=g) for _ in range(4))  # (B, H, N, D)
+        for pass_ in passes:
+            sdpa_ms = None
+            for impl in sorted(impls, key=lambda i: i != "sdpa_causal"):  # the baseline first
+                row: dict[str, Any] = {"impl": impl, "n": n, "pass": pass_, "batch": batch, "heads": heads,
+                                       "head_dim": head_dim, "ms": None, "ms_median": None, "first_ms": None,
+                                       "us_per_token": None, "vs_sdpa": None, "notes": []}
+                rows.append(row)
+                reason = _skip_reason(impl, n, batch, heads, last.get((impl, pass_)), max_call_s)
+                if reason is not None:
+                    row["notes"].append(reason)
+                    continue
+                if progress is not None:
+                    progress(f"{impl} {pass_} at N={n}")
+                t = bench_one(ops[impl], q, k, v, grad, pass_, repeats, max_call_s)
+                row.update(ms=t.min_ms, ms_median=t.median_ms, first_ms=t.first_ms, timed_calls=len(t.samples_ms),
+                           us_per_token=t.min_ms * 1e3 / n)
+                if len(t.samples_ms) < repeats:
+                    row["notes"].append(f"{len(t.samples_ms)} of {repeats} timed calls (max_call_s={max_call_s:g})")
+                last[impl, pass_] = (n, t.min_ms)
+                if impl == "sdpa_causal":
+                    sdpa_ms = t.min_ms
+                row["vs_sdpa"] = sdpa_ms / t.min_ms if sdpa_ms is not None else None
+    if json_path is not None:
+        header = _header(batch=batch, heads=heads, head_dim=head_dim, block_size=block_size, lengths=lengths,
+                         impls=impls, passes=passes, repeats=repeats, max_call_s=max_call_s, seed=seed)
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"header": header, "summary": summarize(rows), "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, dict[str, Any]]:
+    """Per pass, the chunked op's claims: ``us_per_token`` by ``N``, ``flatness`` (max / min of it over the
+    lengths measured, the papers' "constant speed" when near 1) and ``vs_sdpa`` by ``N``."""
+    out: dict[str, dict[str, Any]] = {}
+    for pass_ in PASSES:
+        chunk = {r["n"]: r for r in rows if r["impl"] == "chunk" and r["pass"] == pass_ and r["ms"] is not None}
+        if not chunk:
+            continue
+        per_token = {n: chunk[n]["us_per_token"] for n in sorted(chunk)}
+        out[pass_] = {
+            "us_per_token": per_token,
+            "flatness": max(per_token.values()) / min(per_token.values()),
+            "vs_sdpa": {n: chunk[n]["vs_sdpa"] for n in sorted(chunk) if chunk[n]["vs_sdpa"] is not None},
+        }
+    return out
+
+
+# ---- rendering --------------------------------------------------------------------------------------------
+
+COLUMNS = (
+    Column("impl", "impl", str),
+    Column("n", "N", str),
+    Column("pass", "pass", str),
+    Column("ms", "ms", fmt_ms),
+    Column("us_per_token", "us/token", lambda x: f"{x:.2f}" if x < 100 else f"{x:.0f}"),
+    Column("vs_sdpa", "vs sdpa_causal", lambda x: f"{x:.1f}x"),
+)
+
+
+def _notes(rows: Sequence[dict]) -> list[str]:
+    return [f"{r['impl']} {r['pass']} N={r['n']}: {note}" for r in rows for note in r.get("notes", ())]
+
+
+def _summary_lines(rows: Sequence[dict]) -> list[str]:
+    lines = []
+    for pass_, s in summarize(rows).items():
+        ns = list(s["us_per_token"])
+        line = (f"chunk {pass_}: {s['us_per_token'][ns[0]]:.2f} us/token at N={ns[0]} .. "
+                f"{s['us_per_token'][ns[-1]]:.2f} at N={ns[-1]}, max/min {s['flatness']:.2f}")
+        if s["vs_sdpa"]:
+            line += "; vs sdpa_causal " + ", ".join(f"{x:.1f}x at N={n}" for n, x in s["vs_sdpa"].items())
+        lines.append(line)
+    return lines
+
+
+def to_markdown(rows: Sequence[dict]) -> str:
+    """A GitHub markdown table of the rows, then the summary and the notes."""
+    lines = ["| " + " | ".join(c.title for c in COLUMNS) + " |",
+             "|" + "|".join("---" if c.key in ("impl", "pass") else "---:" for c in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cells(r, COLUMNS)) + " |" for r in rows]
+    extra = _summary_lines(rows) + _notes(rows)
+    if extra:
+        lines += [""] + [f"- {line}" for line in extra]
+    return "\n".join(lines) + "\n"
+
+
+def to_rich_table(rows: Sequence[dict], title: str | None = None):
+    """The same table as :func:`to_markdown`, as a :class:`rich.table.Table`."""
+    from rich.table import Table
+
+    caption = "\n".join(_summary_lines(rows) + _notes(rows)) or None
+    table = Table(title=title, caption=caption, caption_justify="left")
+    for c in COLUMNS:
+        table.add_column(c.title, justify="left" if c.key in ("impl", "pass") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*cells(r, COLUMNS))
+    return table
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    """Add ``headwise bench linear`` options to an :class:`argparse.ArgumentParser` (run it with :func:`main`)."""
+    parser.add_argument("--quick", action="store_true", help="N in 1024, 4096 only, 2 timed calls")
+    parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the header, summary and rows here")
+    parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown here")
+    parser.add_argument("--lengths", help="comma-separated sequence lengths (default 1024,4096,16384,65536)")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations to time")
+    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES), help="passes to time")
+    parser.add_argument("--heads", type=int, default=8, help="heads H (default 8)")
+    parser.add_argument("--head-dim", type=int, default=64, help="head width D (default 64)")
+    parser.add_argument("--block-size", type=int, default=64, help="Lightning Attention-2 block (default 64)")
+    parser.add_argument("--repeats", type=int, help="timed calls after the warm-up (default 3; --quick: 2)")
+    parser.add_argument("--max-call-s", type=float, default=60.0,
+                        help="skip a quadratic implementation where one call would take longer (default 60)")
+
+
+def main(args) -> int:
+    """Run the benchmark from parsed :func:`add_arguments` options; print the table; returns 0."""
+    import sys
+
+    from rich.console import Console
+
+    lengths = [int(s) for s in args.lengths.split(",")] if args.lengths else None
+    rows = run(quick=args.quick, json_path=args.json_path, lengths=lengths, impls=args.impls, passes=args.passes,
+               heads=args.heads, head_dim=args.head_dim, block_size=args.block_size, repeats=args.repeats,
+               max_call_s=args.max_call_s, progress=lambda m: print(f"  {m}", file=sys.stderr))
+    title = (f"linear attention benchmark: fp32, B=1, H={args.heads}, D={args.head_dim}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads; min of the timed calls after a warm-up")
+    Console().print(to_rich_table(rows, title=title))
+    if args.markdown:
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(to_markdown(rows))
+        print(f"wrote {path}")
+    if args.json_path:
+        print(f"wrote {args.json_path}")
+    return 0

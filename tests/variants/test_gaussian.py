@@ -1,0 +1,188 @@
+"""GAAM and its dot-product plug-in against the literal product of Gaussian densities (float64)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import headwise
+from headwise.patterns import Causal
+from headwise.variants.gaussian import (
+    GaussianAdaptiveAttention,
+    GaussianDotProductAttention,
+    gaussian_weights,
+    importance_factor,
+    naive_gaussian_weights,
+)
+from headwise.variants.softmax import MultiHeadAttention
+
+F64 = torch.float64
+
+
+def grads(out, wrt, seed=0):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad((out * g).sum(), wrt)
+
+
+# (B, H, N, d, G): odd sizes, one Gaussian, one token / one feature
+WEIGHTS = {"B2-H3-N7-d5-G4": (2, 3, 7, 5, 4), "B1-H1-N63-d16-G1": (1, 1, 63, 16, 1), "B3-H2-N1-d9-G3": (3, 2, 1, 9, 3),
+           "B1-H4-N500-d6-G2": (1, 4, 500, 6, 2)}
+
+
+@pytest.mark.parametrize("axis", [-1, -2], ids=["features", "tokens"])
+@pytest.mark.parametrize("case", WEIGHTS, ids=list(WEIGHTS))
+def test_closed_form_matches_product_of_densities(case, axis):
+    B, H, N, d, G = WEIGHTS[case]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, H, N, d, dtype=F64, generator=gen, requires_grad=True)
+    delta = (0.5 * torch.randn(H, G, dtype=F64, generator=gen)).requires_grad_()
+    c = (torch.rand(H, G, dtype=F64, generator=gen) + 0.7).requires_grad_()
+    w, ref = gaussian_weights(x, delta, c, axis), naive_gaussian_weights(x, delta, c, axis)
+    if x.shape[axis] == 1:  # sigma^2 = eps: the literal product underflows to 0/0, the normalised weight is 1
+        assert torch.equal(w, torch.ones_like(w))
+        return
+    torch.testing.assert_close(w, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.sum(axis), torch.ones_like(w.sum(axis)), rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads(w, [x, delta, c]), grads(ref, [x, delta, c])):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_closed_form_survives_where_the_product_underflows():
+    x = torch.randn(1, 1, 4, 64) * 4
+    delta, c = torch.zeros(1, 8), torch.full((1, 8), 0.3)
+    w = gaussian_weights(x, delta, c, -1)
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 1, 4))
+    torch.testing.assert_close(w.double(), naive_gaussian_weights(x.double(), delta.double(), c.double(), -1),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_importance_factor_is_min_max_normalised():
+    da = torch.tensor([[0.2, 0.5], [0.3, 1.0]])
+    torch.testing.assert_close(importance_factor(da), (da - 0.2) / 0.8)
+    assert torch.equal(importance_factor(torch.full((3, 2), 0.7)), torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("axis", ["features", "tokens"])
+def test_gaam_module_is_x_times_the_weights(axis):
+    torch.manual_seed(0)
+    m = GaussianAdaptiveAttention(24, 3, gaussians=3, axis=axis).to(F64)
+    with torch.no_grad():
+        m.gaussians.mean_offsets.normal_(0, 0.5), m.gaussians.scales.uniform_(0.6, 2.0)
+    x = torch.randn(4, 13, 24, dtype=F64, requires_grad=True)
+    xh = x.view(4, 13, 3, 8).transpose(1, 2)  # (B, H, N, d)
+    w = naive_gaussian_weights(xh, m.gaussians.mean_offsets, m.gaussians.scales, -1 if axis == "features" else -2)
+    ref = (xh * w).transpose(1, 2).reshape(4, 13, 24)
+    out = m(x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    wrt = [x, m.gaussians.mean_offsets, m.gaussians.scales]
+    for a, b in zip(grads(out, wrt), grads(ref, wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    density = w.mean(0).transpose(0, 1).reshape(13, 24)
+    torch.testing.assert_close(m.density, density.detach())
+    torch.testing.assert_close(m.importance_factor, importance_factor(density.detach()))
+    assert m.importance_factor.min() == 0 and m.importance_factor.max() == 1
+
+
+def naive_gaam_attention(m, x):
+    """Projections, the literal Gaussian weights (times the axis length) on each target, materialized attention."""
+    B, N, _ = x.shape
+    H, H_kv, D = m.heads, m.kv_heads, m.head_dim
+    t = {"q": F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)}
+    kv = F.linear(x, m.kv_proj.weight, m.kv_proj.bias).view(B, N, 2, H_kv, D)
+    t["k"], t["v"] = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    dim = -1 if m.config.axis == "features" else -2
+    for name, g in m.gaussians.items():
+        t[name] = t[name] * naive_gaussian_weights(t[name], g.mean_offsets, g.scales, dim) * t[name].shape[dim]
+    k = t["k"].repeat_interleave(H // H_kv, 1)
+    v = t["v"].repeat_interleave(H // H_kv, 1)
+    s = t["q"] @ k.transpose(-1, -2) / math.sqrt(D)
+    if m.pattern is not None:
+        s = s.masked_fill(~m.pattern.dense_mask(N, N)[None], -math.inf)
+    o = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, N, H * D)
+    return F.linear(o, m.out_proj.weight, m.out_proj.bias)
+
+
+@pytest.mark.parametrize("targets, axis, kv_heads, pattern", [
+    ("qk", "features", None, Causal()), ("qkv", "tokens", 2, None), ("q", "features", 1, None),
+], ids=["qk-features-causal", "qkv-tokens-gqa", "q-features-mqa"])
+def test_gaam_attention_matches_naive(targets, axis, kv_heads, pattern):
+    torch.manual_seed(0)
+    m = GaussianDotProductAttention(32, 4, kv_heads=kv_heads, pattern=pattern, targets=targets, axis=axis,
+                                    gaussians=2).to(F64)
+    with torch.no_grad():
+        for g in m.gaussians.values():
+            g.mean_offsets.normal_(0, 0.5), g.scales.uniform_(0.6, 2.0)
+    x = torch.randn(2, 19, 32, dtype=F64, requires_grad=True)
+    out, ref = m(x), naive_gaam_attention(m, x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    wrt = [x, *m.parameters()]
+    for a, b in zip(grads(out, wrt), grads(ref, wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert set(m.importance_factor) == set(targets)
+
+
+def test_flat_gaussians_give_plain_attention():
+    """Very wide Gaussians weight every feature 1/L; times L that is the identity: MultiHeadAttention."""
+    torch.manual_seed(0)
+    m = GaussianDotProductAttention(32, 4, kv_heads=2, pattern=Causal(), c_init=1e7).to(F64)
+    mha = MultiHeadAttention(32, 4, kv_heads=2, pattern=Causal()).to(F64)
+    mha.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("gaussians.")})
+    x = torch.randn(2, 21, 32, dtype=F64)
+    torch.testing.assert_close(m(x), mha(x), rtol=1e-9, atol=1e-9)
+
+
+CONTRACT = {"gaam": ("gaam", 33), "gaam-tokens": ("gaam(axis='tokens', gaussians=2)", 33),
+            "gaam_attention": ("gaam_attention", 33), "gaam_attention-gqa-qkv": ("gaam_attention(kv_heads=2, targets='qkv')", 33)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
+def test_shape_and_dtype(name, dtype):
+    spec, N = CONTRACT[name]
+    torch.manual_seed(0)
+    m = headwise.create(spec, dim=64, heads=8).to(dtype)
+    y = m(torch.randn(2, N, 64, dtype=dtype))
+    assert y.shape == (2, N, 64) and y.dtype == dtype and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
+def test_gradients_reach_every_parameter(name):
+    spec, N = CONTRACT[name]
+    torch.manual_seed(0)
+    m = headwise.create(spec, dim=64, heads=8)
+    x = torch.randn(2, N, 64, requires_grad=True)
+    m(x).square().sum().backward()
+    for pname, p in [("x", x), *m.named_parameters()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
+def test_deterministic_under_seed(name):
+    spec, N = CONTRACT[name]
+    x = torch.randn(2, N, 64, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        m = headwise.create(spec, dim=64, heads=8)
+        outs += [m(x), m(x)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+BAD = [
+    ("gaam", dict(dim=30, heads=8), "divisible by heads"),
+    ("gaam", dict(dim=64, heads=8, gaussians=0), "gaussians must be a positive int"),
+    ("gaam", dict(dim=64, heads=8, axis="channels"), "axis must be one of"),
+    ("gaam", dict(dim=64, heads=8, c_init=0.0), "c_init must be a positive"),
+    ("gaam_attention", dict(dim=30, heads=8), "divisible by heads"),
+    ("gaam_attention", dict(dim=64, heads=8, targets="qx"), "targets must be"),
+    ("gaam_attention", dict(dim=64, heads=8, targets=""), "targets must be"),
+    ("gaam_attention", dict(dim=64, heads=8, kv_heads=3), "multiple of kv_heads"),
+]
+
+
+@pytest.mark.parametrize("name, kw, match", BAD, ids=[f"{b[0]}-{b[2][:20]}" for b in BAD])
+def test_bad_config_raises(name, kw, match):
+    with pytest.raises(ValueError, match=match):
+        headwise.create(name, **kw)
