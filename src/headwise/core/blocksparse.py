@@ -125,7 +125,7 @@ _EXT = None
 _EXT_ERROR: str | None = None
 _EXT_LOCK = threading.Lock()
 _SOURCE = Path(__file__).parent / "kernels" / "blocksparse.cpp"
-_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-std=c++17"]
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-std=c++17", "-fopenmp"]
 
 
 def extension():
@@ -149,7 +149,7 @@ def extension():
                 log.info("building the block-sparse CPU kernel in %s (once)", build)
                 _EXT = cpp_extension.load(
                     name=f"headwise_blocksparse_{tag}", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
-                    extra_ldflags=["-lm"], build_directory=str(build), verbose=False,
+                    extra_ldflags=["-lm", "-fopenmp"], build_directory=str(build), verbose=False,
                 )
             except Exception as e:  # no compiler, no ninja, ...: the PyTorch executor still runs
                 _EXT_ERROR = f"{type(e).__name__}: {e}"

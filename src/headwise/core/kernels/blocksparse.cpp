@@ -15,6 +15,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -143,6 +145,28 @@ inline void chunk_scores(const Chunk& c, const T* Q, const T* K, int64_t rows, i
   apply_partial_masks<T>(c, S, c.width, rows, pmask, TQ, TK);
 }
 
+// OpenMP's dynamic adjustment (which MKL switches on) shrinks a parallel region to fewer threads whenever the
+// load average is high, so a 2-core machine running anything else gets one thread. The kernel asks for the
+// threads torch is set to use (torch.set_num_threads) and restores the setting after.
+struct FixedThreads {
+  int dynamic = omp_get_dynamic();
+  FixedThreads() { omp_set_dynamic(0); }
+  ~FixedThreads() { omp_set_dynamic(dynamic); }
+};
+
+// Split [0, n) into one contiguous range per thread of a team of torch.get_num_threads() threads.
+template <typename F>
+void parallel_ranges(int64_t n, const F& f) {
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n)));
+  FixedThreads fixed;
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+    const int64_t begin = n * tid / team, end = n * (tid + 1) / team;
+    if (begin < end) f(begin, end);
+  }
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_bounds,
                   const at::Tensor& kv_bounds, const at::Tensor& kv_tiles, const at::Tensor& part_idx,
@@ -166,7 +190,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   for (int64_t t = 0; t < nQT; ++t) max_rows = std::max(max_rows, qb[t + 1] - qb[t]);
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
-  at::parallel_for(0, B * H * nQT, 1, [&](int64_t begin, int64_t end) {
+  parallel_ranges(B * H * nQT, [&](int64_t begin, int64_t end) {
     const int mkl_prev = MKL_Set_Num_Threads_Local(1);
     std::vector<T> S(max_rows * kChunk), acc(max_rows * Dv), m(max_rows), l(max_rows);
     for (int64_t item = begin; item < end; ++item) {
@@ -252,7 +276,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
   // Static split into n_slots contiguous ranges, one accumulator each (no races on dk/dv).
   const int64_t total = B * H * nQT;
-  at::parallel_for(0, n_slots, 1, [&](int64_t sbegin, int64_t send) {
+  parallel_ranges(n_slots, [&](int64_t sbegin, int64_t send) {
     const int mkl_prev = MKL_Set_Num_Threads_Local(1);
     std::vector<T> P(max_rows * kChunk), dP(max_rows * kChunk);
     for (int64_t slot = sbegin; slot < send; ++slot) {
@@ -349,6 +373,8 @@ std::vector<at::Tensor> backward(at::Tensor q, at::Tensor k, at::Tensor v, at::T
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_omp_dynamic", [](bool on) { omp_set_dynamic(on ? 1 : 0); },
+        "OpenMP dynamic thread adjustment of the calling thread (benchmarks switch it off for every op)");
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv)");
 }
