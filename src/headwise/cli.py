@@ -4,6 +4,7 @@
     headwise show-pattern SPEC --grid 32,32         density, tile schedule, ASCII mask (N <= 64), --out x.png
     headwise bench patterns [--quick] [--peers]     block-sparse vs dense SDPA (and peers), --json / --markdown
     headwise bench variants [--quick]               every registered variant vs mha (headwise.bench.variants)
+    headwise bench linear [--quick]                 chunked linear attention vs causal SDPA (headwise.bench.linear)
     headwise simulate SPEC --grid 128,128           attended pairs, tiles, tile-level FLOPs, upper-bound speedup
     headwise simulate decode --params 8e9 ...       Kinetics decoding cost: dense vs sparse attention per token
     headwise demo [--out runs]                      a short tour; writes runs/demo-<timestamp>/report.md
@@ -426,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description=_summary_line(bench_variants, limit=400))
     bench_variants.add_arguments(p)
     p.set_defaults(func=lambda args, cases: bench_variants.main(args))
+    from headwise.bench import linear as bench_linear
+
+    p = bench.add_parser("linear", help="chunked linear attention vs causal SDPA and the naive form: time per token",
+                         description=_summary_line(bench_linear, limit=400))
+    bench_linear.add_arguments(p)
+    p.set_defaults(func=lambda args, cases: bench_linear.main(args))
 
     from headwise.simulate import report as simulate_report
 

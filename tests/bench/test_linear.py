@@ -10,9 +10,15 @@ import pytest
 from headwise.bench import linear as bench
 
 
+@pytest.fixture(autouse=True)
+def short_timing(monkeypatch):
+    """About 50 ms of timed calls per measurement instead of the benchmark's 2 s: these are tests, not timings."""
+    monkeypatch.setattr(bench, "MIN_TIMED_S", 0.05)
+
+
 def test_run_small_shapes(tmp_path):
     path = tmp_path / "lin.json"
-    rows = bench.run(json_path=path, lengths=[100, 40], heads=2, head_dim=8, block_size=16, repeats=1)
+    rows = bench.run(json_path=path, lengths=[100, 40], heads=2, head_dim=8, block_size=16, repeats=1, rounds=1)
     keys = [(r["n"], r["pass"], r["impl"]) for r in rows]
     assert keys == [(n, p, i) for n in (40, 100) for p in ("fwd", "fwd+bwd") for i in ("sdpa_causal", "chunk", "naive")]
     for r in rows:
@@ -20,10 +26,14 @@ def test_run_small_shapes(tmp_path):
         assert r["us_per_token"] == pytest.approx(r["ms"] * 1e3 / r["n"])
         sdpa = next(s for s in rows if s["impl"] == "sdpa_causal" and (s["n"], s["pass"]) == (r["n"], r["pass"]))
         assert r["vs_sdpa"] == pytest.approx(sdpa["ms"] / r["ms"])
+    # the first length is timed `repeats` times; later ones, estimated fast from it, more (about MIN_TIMED_S)
+    assert all(r["timed_calls"] == 1 for r in rows if r["n"] == 40)
+    assert all(1 < r["timed_calls"] <= bench.MAX_CALLS for r in rows if r["n"] == 100)
     summary = bench.summarize(rows)
     assert set(summary) == {"fwd", "fwd+bwd"}
     fwd = summary["fwd"]
     assert list(fwd["us_per_token"]) == [40, 100] and fwd["flatness"] >= 1.0
+    assert fwd["long_vs_short"] == pytest.approx(fwd["us_per_token"][100] / fwd["us_per_token"][40])
     saved = json.loads(path.read_text())
     assert saved["rows"] == rows and saved["header"]["lengths"] == [100, 40] and saved["header"]["heads"] == 2
     assert saved["summary"]["fwd"]["flatness"] == pytest.approx(fwd["flatness"])
@@ -31,9 +41,31 @@ def test_run_small_shapes(tmp_path):
     assert table.count("| chunk |") == 4 and "chunk fwd:" in table and "max/min" in table
 
 
+def test_rounds_pool_their_samples(monkeypatch):
+    """A second round times the fast calls again; each row keeps the minimum and the count over both."""
+    seen = []
+    real = bench.bench_one
+
+    def recording(op, q, k, v, grad, pass_, calls, max_s):
+        t = real(op, q, k, v, grad, pass_, calls, max_s)
+        seen.append((q.shape[2], pass_, t.samples_ms))
+        return t
+
+    monkeypatch.setattr(bench, "bench_one", recording)
+    monkeypatch.setattr(bench, "ROUND_MAX_MS", 1e9)
+    rows = bench.run(lengths=[48], impls=["chunk"], passes=["fwd"], heads=1, head_dim=8, repeats=2, rounds=2)
+    assert len(seen) == 2 and len(rows) == 1
+    pooled = seen[0][2] + seen[1][2]
+    assert rows[0]["timed_calls"] == len(pooled) and rows[0]["ms"] == min(pooled)
+    monkeypatch.setattr(bench, "ROUND_MAX_MS", 0.0)  # nothing is fast enough to time again
+    seen.clear()
+    bench.run(lengths=[48], impls=["chunk"], passes=["fwd"], heads=1, head_dim=8, repeats=2, rounds=3)
+    assert len(seen) == 1
+
+
 def test_quadratic_implementations_are_skipped_past_the_time_limit():
     """With a tiny max_call_s, the quadratic forms run at the first length only; the chunked op always runs."""
-    rows = bench.run(lengths=[32, 4096], passes=["fwd"], heads=1, head_dim=8, repeats=1, max_call_s=1e-4)
+    rows = bench.run(lengths=[32, 4096], passes=["fwd"], heads=1, head_dim=8, repeats=1, max_call_s=1e-4, rounds=1)
     by = {(r["impl"], r["n"]): r for r in rows}
     for impl in ("naive", "sdpa_causal"):
         assert by[impl, 32]["ms"] is not None
@@ -69,6 +101,7 @@ def test_arguments():
     (dict(repeats=0), "repeats"),
     (dict(heads=0), "heads"),
     (dict(max_call_s=0), "max_call_s"),
+    (dict(rounds=0), "rounds"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

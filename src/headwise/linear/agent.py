@@ -55,7 +55,7 @@ def agent_attention(
         >>> from headwise.linear import agent_attention
         >>> q = k = v = torch.randn(2, 8, 3136, 64)                         # [B, H, N, D], a 56 x 56 grid
         >>> agents = torch.nn.functional.adaptive_avg_pool1d(q.flatten(0, 1).transpose(1, 2), 49)
-        >>> out = agent_attention(q, k, v, agents.transpose(1, 2).view(2, 8, 49, 64))
+        >>> out = agent_attention(q, k, v, agents.transpose(1, 2).reshape(2, 8, 49, 64))   # [2, 8, 3136, 64]
     """
     check_qkv(q, k, v, None, scale)
     if k.shape[1] != q.shape[1]:

@@ -3,18 +3,21 @@
 The sequence is cut into blocks of ``L`` tokens. Inside a block the output is the masked quadratic form (a small
 dense matmul); across blocks it goes through the carried state ``S`` (``[D, Dv]`` per head), decayed by
 ``lambda^L`` per block. No cumulative sum over the sequence is formed: the only sequential step is the state
-hand-off from one block to the next. For block ``c`` (tokens ``cL + t``, ``t < L``) and ``P`` the state after
-the previous block::
+hand-off from one block to the next. For block ``c`` (tokens ``cL + t``, ``t < L``) reading ``S``, the state
+after the previous block::
 
-    O_c = s (Q_c K_c^T * M) V_c + s diag(lambda^(t+1)) Q_c P         M_ts = lambda^(t-s), t >= s (else 0)
-    P  <- lambda^L P + (diag(lambda^(L-1-t)) K_c)^T V_c
+    O_c = s (Q_c K_c^T * M) V_c + s diag(lambda^(t+1)) Q_c S         M_ts = lambda^(t-s), t >= s (else 0)
+    S  <- lambda^L S + (diag(lambda^(L-1-t)) K_c)^T V_c
 
-The backward of linear attention is linear attention again, so it reuses the same block scan (no stored
-intermediates; each block is recomputed):
+The backward recomputes each unit from the inputs and the state the unit started from (saved by the forward, one
+``[D, Dv]`` state per unit), walking the units from the end of the sequence. With ``A = s (Q K^T) * M`` and
+``P = s (dO V^T) * M``::
 
-* ``dQ`` is the causal scan of ``(dO, V, K)`` started from ``S0^T``;
-* ``dV`` is the anti-causal scan of ``(K, Q, dO)`` and ``dK`` that of ``(V, dO, Q)``, started from the gradient
-  of the returned final state; the state the first one ends with is the gradient of the initial state.
+    dQ = P K + s diag(lambda^(t+1)) dO S_read^T        S_read: the forward state each block reads
+    dK = P^T Q + diag(lambda^(L-1-t)) V G_read^T        G_read: the gradient state carried back from the end,
+    dV = A^T dO + diag(lambda^(L-1-t)) K G_read          G <- lambda^L G + s (diag(lambda^(t+1)) Q_c)^T dO_c
+
+and the state ``G`` ends as the gradient of the initial state.
 
 The blocks go in units (runs of up to ``_SEGMENT_TOKENS`` tokens of one head, or several whole short sequences):
 each unit's block matrices are views of the inputs, every matmul is one batched call over the unit's blocks, the
@@ -119,39 +122,28 @@ class _ChunkLinearAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, initial_state, lam, scale, block_size):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, N, D = q.shape
-        state = _fresh_state(initial_state, (B, H, D, v.shape[-1]), q)  # (B, H, D, Dv), updated in place
+        Dv = v.shape[-1]
+        plan = _Plan.make(B * H, N, min(block_size, N))
+        tables = _DecayTables(lam, plan.L, H, q.dtype, q.device)
+        state = _fresh_state(initial_state, (B, H, D, Dv), q)  # (B, H, D, Dv), updated in place
         o = q.new_empty(v.shape)  # (B, H, N, Dv)
-        tables = _DecayTables(lam, min(block_size, N), H, q.dtype, q.device)
-        _scan(q, k, v, state, tables, out_scale=scale, state_scale=1.0, reverse=False, out=o)
-        ctx.save_for_backward(q, k, v, initial_state)
-        ctx.lam, ctx.scale, ctx.block_size = lam, scale, block_size
+        starts = q.new_empty(B * H, len(plan.pieces), D, Dv)  # the state each unit starts from, for the backward
+        _forward(q, k, v, state, o, starts, tables, plan, scale)
+        ctx.save_for_backward(q, k, v, starts)
+        ctx.tables, ctx.plan, ctx.scale = tables, plan, scale
         return o, state
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dstate):
-        q, k, v, initial_state = ctx.saved_tensors
+        q, k, v, starts = ctx.saved_tensors
         B, H, N, D = q.shape
-        Dv = v.shape[-1]
-        do = do.contiguous()
-        tables = _DecayTables(ctx.lam, min(ctx.block_size, N), H, q.dtype, q.device)
-        dq = dk = dv = dstate0 = None
-        if ctx.needs_input_grad[0]:
-            # dq_i = s sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j + s lambda^(i+1) do_i S0^T
-            start = _fresh_state(None if initial_state is None else initial_state.transpose(-1, -2), (B, H, Dv, D), q)
-            dq = torch.empty_like(q)
-            _scan(do, v, k, start, tables, out_scale=ctx.scale, state_scale=1.0, reverse=False, out=dq)
-        # dS_i = s sum_{j>=i} lambda^(j-i) q_j^T do_j + lambda^(N-1-i) dS_final; dv_i = k_i dS_i, dk_i = v_i dS_i^T
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            grad_state = _fresh_state(dstate, (B, H, D, Dv), q)
-            dv = torch.empty_like(v)
-            _scan(k, q, do, grad_state, tables, out_scale=1.0, state_scale=ctx.scale, reverse=True, out=dv)
-            dstate0 = grad_state if ctx.needs_input_grad[3] else None  # lambda dS_0: the initial state's gradient
-        if ctx.needs_input_grad[1]:
-            grad_state_t = _fresh_state(None if dstate is None else dstate.transpose(-1, -2), (B, H, Dv, D), q)
-            dk = torch.empty_like(k)
-            _scan(v, do, q, grad_state_t, tables, out_scale=1.0, state_scale=ctx.scale, reverse=True, out=dk)
-        return dq, dk, dv, dstate0, None, None, None
+        grad_state = _fresh_state(dstate, (B, H, D, v.shape[-1]), q)  # (B, H, D, Dv), ends as d initial_state
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _backward(q, k, v, do.contiguous(), starts, grad_state, dq, dk, dv, ctx.tables, ctx.plan, ctx.scale)
+        needed = ctx.needs_input_grad
+        return (dq if needed[0] else None, dk if needed[1] else None, dv if needed[2] else None,
+                grad_state if needed[3] else None, None, None, None)
 
 
 def _fresh_state(init: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -219,7 +211,7 @@ class _DecayTables:
 
         cast = lambda x: None if x is None else x.to(self.device, self.dtype)
         return _Factors(cast(mask), cast(per_token(out_pow, out_scale)), cast(per_token(into_pow, state_scale)),
-                        cast(carry), cast(hand), cast(start))
+                        cast(carry), cast(hand), cast(start), reverse)
 
 
 @dataclass
@@ -239,65 +231,122 @@ class _Factors:
     carry: Tensor | None
     hand: Tensor
     start: Tensor
+    reverse: bool  # anti-causal: the scan runs from the last block to the first
 
     def heads(self, index: Tensor) -> _Factors:
         """The factors of the heads ``index`` (a 1-D tensor of head numbers), in that order."""
         values = (getattr(self, f.name) for f in dataclasses.fields(self))
-        return _Factors(*(None if f is None else f[index.to(f.device)] for f in values))
+        return _Factors(*(f[index.to(f.device)] if isinstance(f, Tensor) else f for f in values))
 
 
-def _scan(a: Tensor, b: Tensor, c: Tensor, state: Tensor, tables: _DecayTables, *, out_scale: float,
-          state_scale: float, reverse: bool, out: Tensor) -> None:
-    """``out_i = s_out s_state sum_{j <= i} lambda^(i-j) (a_i . b_j) c_j + s_out lambda^(i+1) a_i state``
-    (``j >= i`` and ``lambda^(N-1-i)`` when ``reverse``) block by block; ``state`` (in place) ends as the state after
-    the sequence (before it, when ``reverse``).
+@dataclass(frozen=True)
+class _Plan:
+    """How the work is cut into units: groups of ``group`` consecutive heads (of ``G = B H``), each through
+    ``pieces`` ``(first token, blocks, block length)`` in sequence order.
 
-    a, b: ``[B, H, N, Dk]`` contiguous; c, out: ``[B, H, N, Dc]`` contiguous; state: ``[B, H, Dk, Dc]``.
-
-    The work goes in units of consecutive heads and consecutive blocks. A long sequence goes one head at a time
-    through runs of ``_SEGMENT_TOKENS``: the block matrices of a unit are then views of the inputs and outputs
-    (no copies) and its work stays in cache. Short sequences go several heads per unit (up to
-    ``_GROUP_TOKENS`` tokens), whole, so that many heads do not mean many small calls.
+    A long sequence goes one head at a time through runs of ``_SEGMENT_TOKENS``: the block matrices of a unit are
+    then views of the inputs and outputs (no copies) and its work stays in cache. Short sequences go several heads
+    per unit (up to ``_GROUP_TOKENS`` tokens), whole, so that many heads do not mean many small calls. A last,
+    shorter block is a piece of its own.
     """
-    B, H, N, Dk = a.shape
-    Dc = c.shape[-1]
-    L = tables.L
+
+    G: int
+    L: int
+    group: int
+    pieces: tuple[tuple[int, int, int], ...]
+
+    @staticmethod
+    def make(G: int, N: int, L: int) -> _Plan:
+        n_full, rest = divmod(N, L)
+        if N <= _SEGMENT_TOKENS:
+            group = max(1, min(G, _GROUP_TOKENS // N))
+            pieces = [(0, n_full, L)] if n_full else []
+        else:
+            group = 1
+            per = max(1, _SEGMENT_TOKENS // L)
+            pieces = [(first * L, min(per, n_full - first), L) for first in range(0, n_full, per)]
+        pieces += [(n_full * L, 1, rest)] if rest else []
+        return _Plan(G, L, group, tuple(pieces))
+
+    def groups(self):
+        for g0 in range(0, self.G, self.group):
+            yield g0, min(self.G, g0 + self.group)
+
+
+def _unit(t: Tensor, g0: int, g1: int, piece: tuple[int, int, int]) -> Tensor:
+    """The piece of heads ``g0:g1`` of ``t`` ``(G, N, X)`` as blocks, ``(1, G', n, l, X)`` (a view)."""
+    start, n, l = piece
+    return t[g0:g1, start:start + n * l].view(1, g1 - g0, n, l, t.shape[-1])
+
+
+def _forward(q, k, v, state, o, starts, tables: _DecayTables, plan: _Plan, scale: float) -> None:
+    """``o = s ((Q K^T) * M) V + s (decayed) Q S0``, unit by unit; ``state`` ends as the final state and ``starts``
+    ``(G, pieces, D, Dv)`` holds the state each unit started from."""
+    B, H, N, D = q.shape
+    Dv = v.shape[-1]
     G = B * H
-    n_full, rest = divmod(N, L)
-    if N <= _SEGMENT_TOKENS:
-        group = max(1, min(G, _GROUP_TOKENS // N))
-        pieces = [(0, n_full, L)] if n_full else []
-    else:
-        group = 1
-        per = max(1, _SEGMENT_TOKENS // L)
-        pieces = [(first * L, min(per, n_full - first), L) for first in range(0, n_full, per)]
-    pieces += [(n_full * L, 1, rest)] if rest else []  # the last, shorter block
-    if reverse:
-        pieces.reverse()
-    work = _Workspace(a)
-    cache: dict[tuple[int, int, int, int], _Factors] = {}
+    q2, k2, v2, o2 = q.view(G, N, D), k.view(G, N, D), v.view(G, N, Dv), o.view(G, N, Dv)
+    factors = _FactorCache(tables, H, reverse=False, out_scale=scale, state_scale=1.0)
+    work = _Workspace(q)
+    for g0, g1 in plan.groups():
+        state_u = state.view(G, D, Dv)[g0:g1][None]  # (1, G', D, Dv)
+        for p, piece in enumerate(plan.pieces):
+            starts[g0:g1, p].copy_(state_u[0])
+            (o_u,), finish = _outputs([_unit(o2, g0, g1, piece)], work)
+            _forward_unit(*(_unit(t, g0, g1, piece).contiguous() for t in (q2, k2, v2)), o_u, state_u,
+                          factors.get(piece, g0, g1), work)
+            finish()
 
-    def factors(n: int, l: int, g0: int, g1: int) -> _Factors:
-        key = (n, l, g0 % H, g1 - g0)
-        if key not in cache:
-            if (n, l) not in cache:
-                cache[n, l] = tables.factors(n, l, reverse, out_scale, state_scale)
-            cache[key] = cache[n, l].heads(torch.arange(g0, g1) % H)
-        return cache[key]
 
-    a2, b2, c2, o2 = a.view(G, N, Dk), b.view(G, N, Dk), c.view(G, N, Dc), out.view(G, N, Dc)
-    for g0 in range(0, G, group):
-        g1 = min(G, g0 + group)
-        state_u = state.view(G, Dk, Dc)[g0:g1][None]  # (1, G', Dk, Dc)
-        for start, n, l in pieces:
-            unit = lambda t: t[g0:g1, start:start + n * l].view(1, g1 - g0, n, l, t.shape[-1])  # (1, G', n, l, *)
-            o_u = unit(o2)
-            # several heads' runs short of the whole sequence are not contiguous: copy (short sequences only)
-            o_w = o_u if o_u.is_contiguous() else work.get("o", o_u.shape)
-            _scan_unit(unit(a2).contiguous(), unit(b2).contiguous(), unit(c2).contiguous(), o_w, state_u,
-                       factors(n, l, g0, g1), reverse, work)
-            if o_w is not o_u:
-                o_u.copy_(o_w)
+def _backward(q, k, v, do, starts, grad_state, dq, dk, dv, tables: _DecayTables, plan: _Plan, scale: float) -> None:
+    """The gradients of :func:`_forward`, unit by unit from the end of the sequence (each unit recomputed);
+    ``grad_state`` starts as the gradient of the final state and ends as that of the initial state."""
+    B, H, N, D = q.shape
+    Dv = v.shape[-1]
+    G = B * H
+    ins = (q.view(G, N, D), k.view(G, N, D), v.view(G, N, Dv), do.view(G, N, Dv))
+    outs = (dq.view(G, N, D), dk.view(G, N, D), dv.view(G, N, Dv))
+    causal = _FactorCache(tables, H, reverse=False, out_scale=scale, state_scale=1.0)
+    anti = _FactorCache(tables, H, reverse=True, out_scale=1.0, state_scale=scale)
+    work = _Workspace(q)
+    for g0, g1 in plan.groups():
+        grad_u = grad_state.view(G, D, Dv)[g0:g1][None]  # (1, G', D, Dv)
+        for p in reversed(range(len(plan.pieces))):
+            piece = plan.pieces[p]
+            unit_outs, finish = _outputs([_unit(t, g0, g1, piece) for t in outs], work)
+            _backward_unit(*(_unit(t, g0, g1, piece).contiguous() for t in ins), *unit_outs,
+                           starts[g0:g1, p][None], grad_u, causal.get(piece, g0, g1), anti.get(piece, g0, g1), work)
+            finish()
+
+
+class _FactorCache:
+    """:meth:`_DecayTables.factors` for one direction and scales, selected for the heads of each unit, cached."""
+
+    def __init__(self, tables: _DecayTables, H: int, *, reverse: bool, out_scale: float, state_scale: float):
+        self.tables, self.H, self.args = tables, H, (reverse, out_scale, state_scale)
+        self.cache: dict[tuple, _Factors] = {}
+
+    def get(self, piece: tuple[int, int, int], g0: int, g1: int) -> _Factors:
+        _, n, l = piece
+        key = (n, l, g0 % self.H, g1 - g0)
+        if key not in self.cache:
+            if (n, l) not in self.cache:
+                self.cache[n, l] = self.tables.factors(n, l, *self.args)
+            self.cache[key] = self.cache[n, l].heads(torch.arange(g0, g1) % self.H)
+        return self.cache[key]
+
+
+def _outputs(targets: list[Tensor], work: _Workspace):
+    """Writable contiguous stand-ins for the unit views ``targets`` and a ``finish()`` that copies back the ones
+    that are not the views themselves (several heads' pieces short of the whole sequence: short sequences only)."""
+    bufs = [t if t.is_contiguous() else work.get(f"out{i}", t.shape) for i, t in enumerate(targets)]
+
+    def finish():
+        for t, buf in zip(targets, bufs):
+            if buf is not t:
+                t.copy_(buf)
+
+    return bufs, finish
 
 
 class _Workspace:
@@ -314,33 +363,77 @@ class _Workspace:
         return self.buffers[key]
 
 
-def _scan_unit(a, b, c, o, state, f: _Factors, reverse: bool, work: _Workspace) -> None:
-    """One run of ``n`` blocks of ``l`` tokens: a, b ``(Bu, Hu, n, l, Dk)``; c, o ``(Bu, Hu, n, l, Dc)``, all
-    contiguous; ``state`` ``(Bu, Hu, Dk, Dc)``, read and then overwritten with the state after the run."""
-    Bu, Hu, n, l, Dk = a.shape
+def _decayed(x: Tensor, factor: Tensor | None, work: _Workspace, name: str) -> Tensor:
+    """``x * factor`` in a work buffer (``x`` itself when the factor is 1)."""
+    return x if factor is None else torch.mul(x, factor, out=work.get(name, x.shape))
+
+
+def _masked_scores(a: Tensor, b: Tensor, mask: Tensor, work: _Workspace, name: str) -> Tensor:
+    """``(a b^T) * mask`` per block: a, b ``(Bu, Hu, n, l, X)`` -> ``(Bu, Hu, n, l, l)``."""
+    Bu, Hu, n, l, X = a.shape
+    scores = work.get(name, (Bu, Hu, n, l, l))
+    torch.bmm(a.view(-1, l, X), b.view(-1, l, X).transpose(1, 2), out=scores.view(-1, l, l))
+    return scores.mul_(mask)
+
+
+def _states_read(b_dec: Tensor, c: Tensor, f: _Factors, state: Tensor, work: _Workspace, name: str, *,
+                 advance: bool) -> Tensor:
+    """The state each block of a unit reads, ``(Bu, Hu, n, Dk, Dc)``: the hand-offs ``b_dec^T c`` of the blocks
+    before it in scan order (one small matmul, ``f.hand``) plus the decayed incoming ``state`` ``(Bu, Hu, Dk, Dc)``.
+    With ``advance``, ``state`` then becomes (in place) the state after the unit."""
+    Bu, Hu, n, l, Dk = b_dec.shape
     Dc = c.shape[-1]
-    G = Bu * Hu * n  # the batch of the block matmuls
-    o3, c3 = o.view(G, l, Dc), c.view(G, l, Dc)
-    # intra-block: the masked quadratic form
-    scores = work.get("scores", (Bu, Hu, n, l, l))
-    torch.bmm(a.view(G, l, Dk), b.view(G, l, Dk).transpose(1, 2), out=scores.view(G, l, l))
-    scores.mul_(f.mask)  # (Bu, Hu, n, l, l)
-    torch.bmm(scores.view(G, l, l), c3, out=o3)
-    # each block's own contribution to the state it hands on: (decayed b)^T c
-    tmp = work.get("tmp", (Bu, Hu, n, l, Dk))
-    b_dec = b if f.into is None else torch.mul(b, f.into, out=tmp)  # (Bu, Hu, n, l, Dk)
-    contrib = work.get("contrib", (Bu, Hu, n, Dk, Dc))
-    torch.bmm(b_dec.view(G, l, Dk).transpose(1, 2), c3, out=contrib.view(G, Dk, Dc))
-    # the state each block reads, all at once: hand-offs of the earlier blocks plus the decayed incoming state
-    before = work.get("before", (Bu, Hu, n, Dk, Dc))
-    flat = before.view(Bu, Hu, n, Dk * Dc)
+    contrib = work.get(name + "-contrib", (Bu, Hu, n, Dk, Dc))  # each block's own hand-off
+    torch.bmm(b_dec.view(-1, l, Dk).transpose(1, 2), c.view(-1, l, Dc), out=contrib.view(-1, Dk, Dc))
+    read = work.get(name + "-read", (Bu, Hu, n, Dk, Dc))
+    flat = read.view(Bu, Hu, n, Dk * Dc)
     torch.matmul(f.hand, contrib.view(Bu, Hu, n, Dk * Dc), out=flat)
     flat.addcmul_(f.start, state.reshape(Bu, Hu, 1, Dk * Dc))
-    last = 0 if reverse else n - 1
-    if f.carry is None:
-        torch.add(before[:, :, last], contrib[:, :, last], out=state)
-    else:
-        torch.addcmul(contrib[:, :, last], before[:, :, last], f.carry, out=state)
+    if advance:
+        last = 0 if f.reverse else n - 1
+        if f.carry is None:
+            torch.add(read[:, :, last], contrib[:, :, last], out=state)
+        else:
+            torch.addcmul(contrib[:, :, last], read[:, :, last], f.carry, out=state)
+    return read
+
+
+def _forward_unit(q, k, v, o, state, f: _Factors, work: _Workspace) -> None:
+    """One unit forward: q, k ``(Bu, Hu, n, l, D)``; v, o ``(Bu, Hu, n, l, Dv)``, all contiguous; ``state``
+    ``(Bu, Hu, D, Dv)``, read and then overwritten with the state after the unit."""
+    Bu, Hu, n, l, D = q.shape
+    Dv = v.shape[-1]
+    o3 = o.view(-1, l, Dv)
+    # intra-block: the masked quadratic form
+    torch.bmm(_masked_scores(q, k, f.mask, work, "scores").view(-1, l, l), v.view(-1, l, Dv), out=o3)
     # inter-block: the state each block reads, decayed to each of its tokens
-    a_dec = a if f.out is None else torch.mul(a, f.out, out=tmp)  # (Bu, Hu, n, l, Dk)
-    o3.baddbmm_(a_dec.view(G, l, Dk), before.view(G, Dk, Dc))
+    read = _states_read(_decayed(k, f.into, work, "k-dec"), v, f, state, work, "state", advance=True)
+    o3.baddbmm_(_decayed(q, f.out, work, "q-dec").view(-1, l, D), read.view(-1, D, Dv))
+
+
+def _backward_unit(q, k, v, do, dq, dk, dv, start, grad_state, fc: _Factors, fa: _Factors, work: _Workspace) -> None:
+    """One unit backward. With ``A = s (Q K^T) * M`` and ``P = s (dO V^T) * M`` (``M`` the causal decay mask):
+
+    * ``dQ = P K + s diag(lambda^(t+1)) dO S_read^T``: ``S_read`` the forward states, recomputed from ``start``;
+    * ``dK = P^T Q + diag(lambda^(l-1-t)) V G_read^T`` and ``dV = A^T dO + diag(lambda^(l-1-t)) K G_read``:
+      ``G_read`` the gradient states carried from the end of the sequence (``s q^T dO`` hand-offs), with
+      ``grad_state`` advanced in place.
+
+    ``fc``: causal factors (scale on the output); ``fa``: anti-causal factors (scale on the state).
+    """
+    Bu, Hu, n, l, D = q.shape
+    Dv = v.shape[-1]
+    dq3, dk3, dv3 = dq.view(-1, l, D), dk.view(-1, l, D), dv.view(-1, l, Dv)
+    p = _masked_scores(do, v, fc.mask, work, "p").view(-1, l, l)  # dq_i gets sum_{j<=i} P_ij k_j
+    torch.bmm(p, k.view(-1, l, D), out=dq3)
+    torch.bmm(p.transpose(1, 2), q.view(-1, l, D), out=dk3)  # dk_i gets sum_{j>=i} P_ji q_j
+    a = _masked_scores(q, k, fc.mask, work, "a").view(-1, l, l)
+    torch.bmm(a.transpose(1, 2), do.view(-1, l, Dv), out=dv3)  # dv_i gets sum_{j>=i} A_ji do_j
+    # token t reaches its block's end after l-1-t decays (fc.into = fa.out) and the state reaches token t after t+1
+    # (fc.out = fa.into, times s)
+    k_far = _decayed(k, fc.into, work, "k-far")
+    s_read = _states_read(k_far, v, fc, start, work, "s", advance=False)  # (Bu, Hu, n, D, Dv)
+    dq3.baddbmm_(_decayed(do, fc.out, work, "do-near").view(-1, l, Dv), s_read.view(-1, D, Dv).transpose(1, 2))
+    g_read = _states_read(_decayed(q, fa.into, work, "q-near"), do, fa, grad_state, work, "g", advance=True)
+    dv3.baddbmm_(k_far.view(-1, l, D), g_read.view(-1, D, Dv))
+    dk3.baddbmm_(_decayed(v, fa.out, work, "v-far").view(-1, l, Dv), g_read.view(-1, D, Dv).transpose(1, 2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from headwise.linear.base import NORMALIZER_EPS, check_linear_inputs
+from headwise.linear.base import NORMALIZER_EPS, check_linear_inputs, with_normalizer
 
 __all__ = ["naive_linear_attention"]
 
@@ -37,7 +37,7 @@ def naive_linear_attention(
     den = scores.sum(-1, keepdim=True)  # (B, H, N, 1) s q_i . z_i, used when normalize
     # state at the end of the sequence: sum_j lambda^(N-1-j) k_j^T v_j (+ lambda^N S0)
     tail = torch.exp(log_lam[:, None] * (N - 1 - i).to(q.dtype))  # (H, N) lambda^(N-1-j)
-    v_state = torch.cat([v, v.new_ones(B, H, N, 1)], -1) if normalize else v  # (B, H, N, Dv [+1])
+    v_state = with_normalizer(v) if normalize else v  # (B, H, N, Dv [+1])
     final = (k * tail[..., None]).transpose(-1, -2) @ v_state  # (B, H, D, Dv [+1])
     if initial_state is not None:
         carry = torch.exp(log_lam[:, None] * (i + 1).to(q.dtype))  # (H, N) lambda^(i+1)
