@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from headwise.core.attention import attention
 from headwise.patterns import Pattern
+from headwise.variants.checks import check_positive_int
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention, check_positive_int
+from headwise.variants.softmax import MultiHeadAttention
 
 __all__ = [
     "MultiScaleHeads",

@@ -19,8 +19,9 @@ from headwise import patterns
 from headwise.core.attention import BACKENDS, attention
 from headwise.core.reference import naive_attention
 from headwise.patterns import Causal, Pattern
+from headwise.variants.checks import check_bool, check_positive_int
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention, check_positive_int
+from headwise.variants.softmax import MultiHeadAttention
 
 __all__ = [
     "top_k_gates",
@@ -32,9 +33,7 @@ __all__ = [
 ]
 
 
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {name}={value!r}")
+
 
 
 def _check_topk(name: str, value, upper_name: str, upper: int) -> None:
@@ -143,7 +142,7 @@ class AttentionExperts(nn.Module):
                 self.head_dim = self.dim // self.heads
             check_positive_int("head_dim", self.head_dim)
             for name in ("share_kv", "qkv_bias", "out_bias"):
-                _check_bool(name, getattr(self, name))
+                check_bool(name, getattr(self, name))
             if self.topk is not None:
                 _check_topk("topk", self.topk, "experts", self.experts)
             if isinstance(self.pattern, str):
@@ -403,7 +402,7 @@ class SelectiveAttention(nn.Module):
                 self.expert_topk = self.heads
             _check_topk("expert_topk", self.expert_topk, "heads", self.heads)
             for name in ("causal", "qkv_bias", "out_bias"):
-                _check_bool(name, getattr(self, name))
+                check_bool(name, getattr(self, name))
 
     _check_tokens = MultiHeadAttention._check_tokens  # the same [B, N, C] input check as MHA
 

@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from headwise import patterns
 from headwise.core.attention import BACKENDS, attention
 from headwise.patterns import Full, Pattern
+from headwise.variants.checks import check_positive_int
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention, check_positive_int
+from headwise.variants.softmax import MultiHeadAttention
 
 __all__ = [
     "MixtureOfHeadsAttention",

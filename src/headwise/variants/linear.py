@@ -17,25 +17,16 @@ from torch import Tensor, nn
 from headwise.core.attention import BACKENDS
 from headwise.linear import agent_attention, chunk_linear_attention, decay_rates, recurrent_linear_attention
 from headwise.linear.base import apply_normalizer, with_normalizer
+from headwise.variants.checks import check_bool, check_positive_int, resolve_head_dim
 from headwise.variants.registry import register
-from headwise.variants.softmax import check_positive_int
 
 __all__ = ["LightningAttention", "LinearAttention", "AgentAttention"]
 
 
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {name}={value!r}")
 
 
-def _resolve_head_dim(dim: int, heads: int, head_dim: int | None) -> int:
-    if head_dim is None:
-        if dim % heads:
-            raise ValueError(f"dim must be divisible by heads when head_dim is None, got {dim=} {heads=}; "
-                             f"pass head_dim= to choose the head width")
-        return dim // heads
-    check_positive_int("head_dim", head_dim)
-    return head_dim
+
+
 
 
 def _check_tokens(name: str, x: Tensor, dim: int, ndim: int = 3) -> None:
@@ -152,14 +143,14 @@ class LightningAttention(_RecurrentMixer):
         def __post_init__(self):
             check_positive_int("dim", self.dim)
             check_positive_int("heads", self.heads)
-            self.head_dim = _resolve_head_dim(self.dim, self.heads, self.head_dim)
+            self.head_dim = resolve_head_dim(self.dim, self.heads, self.head_dim)
             check_positive_int("num_layers", self.num_layers)
             if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 0 <= self.layer < self.num_layers:
                 raise ValueError(f"layer must be an int with 0 <= layer < num_layers, got layer={self.layer!r} "
                                  f"num_layers={self.num_layers}")
             check_positive_int("block_size", self.block_size)
-            _check_bool("decay", self.decay)
-            _check_bool("bias", self.bias)
+            check_bool("decay", self.decay)
+            check_bool("bias", self.bias)
 
     norm_eps = 1e-6
 
@@ -240,13 +231,13 @@ class LinearAttention(_RecurrentMixer):
         def __post_init__(self):
             check_positive_int("dim", self.dim)
             check_positive_int("heads", self.heads)
-            self.head_dim = _resolve_head_dim(self.dim, self.heads, self.head_dim)
+            self.head_dim = resolve_head_dim(self.dim, self.heads, self.head_dim)
             if self.feature_map not in _FEATURE_MAPS:
                 raise ValueError(f"unknown feature_map={self.feature_map!r}; valid: {', '.join(map(repr, _FEATURE_MAPS))}")
-            _check_bool("causal", self.causal)
+            check_bool("causal", self.causal)
             check_positive_int("block_size", self.block_size)
-            _check_bool("qkv_bias", self.qkv_bias)
-            _check_bool("out_bias", self.out_bias)
+            check_bool("qkv_bias", self.qkv_bias)
+            check_bool("out_bias", self.out_bias)
 
     def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, feature_map: str = "elu+1",
                  causal: bool = False, block_size: int = 64, qkv_bias: bool = True, out_bias: bool = True):
@@ -353,7 +344,7 @@ class AgentAttention(nn.Module):
         def __post_init__(self):
             check_positive_int("dim", self.dim)
             check_positive_int("heads", self.heads)
-            self.head_dim = _resolve_head_dim(self.dim, self.heads, self.head_dim)
+            self.head_dim = resolve_head_dim(self.dim, self.heads, self.head_dim)
             check_positive_int("agents", self.agents)
             check_positive_int("ndim", self.ndim)
             if self.ndim not in (1, 2):
@@ -365,9 +356,9 @@ class AgentAttention(nn.Module):
                 check_positive_int("dwc_kernel", self.dwc_kernel)
                 if self.dwc_kernel % 2 == 0:
                     raise ValueError(f"dwc_kernel must be odd (same-size output), got dwc_kernel={self.dwc_kernel}")
-            _check_bool("agent_bias", self.agent_bias)
+            check_bool("agent_bias", self.agent_bias)
             check_positive_int("bias_resolution", self.bias_resolution)
-            _check_bool("qkv_bias", self.qkv_bias)
+            check_bool("qkv_bias", self.qkv_bias)
             if self.backend != "auto" and self.backend not in BACKENDS:
                 raise ValueError(f"unknown backend={self.backend!r}; valid: 'auto', " + ", ".join(map(repr, BACKENDS)))
 

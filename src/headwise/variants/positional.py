@@ -17,8 +17,9 @@ from headwise import patterns
 from headwise.core.attention import BACKENDS, attention
 from headwise.core.checks import default_scale
 from headwise.patterns import Pattern
+from headwise.variants.checks import check_bool, check_positive_int, resolve_head_dim
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention, check_positive_int
+from headwise.variants.softmax import MultiHeadAttention
 
 __all__ = [
     "ComplexAttention",
@@ -32,19 +33,10 @@ __all__ = [
 ]
 
 
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {name}={value!r}")
 
 
-def _check_head_dim(dim: int, heads: int, head_dim: int | None) -> int:
-    if head_dim is None:
-        if dim % heads:
-            raise ValueError(f"dim must be divisible by heads when head_dim is None, got dim={dim} heads={heads}; "
-                             f"pass head_dim= to choose the head width")
-        head_dim = dim // heads
-    check_positive_int("head_dim", head_dim)
-    return head_dim
+
+
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,7 +164,7 @@ class ComplexAttention(nn.Module):
         def __post_init__(self):
             check_positive_int("dim", self.dim)
             check_positive_int("heads", self.heads)
-            self.head_dim = _check_head_dim(self.dim, self.heads, self.head_dim)
+            self.head_dim = resolve_head_dim(self.dim, self.heads, self.head_dim)
             if self.head_dim % 2:
                 raise ValueError(f"complex needs an even head_dim (pairs of channels form complex numbers), "
                                  f"got head_dim={self.head_dim}")
@@ -188,7 +180,7 @@ class ComplexAttention(nn.Module):
             if self.pattern is not None and self.pattern.heads not in (None, self.heads):
                 raise ValueError(f"head-specific pattern has {self.pattern.heads} heads but heads={self.heads}")
             for name in ("qkv_bias", "out_bias"):
-                _check_bool(name, getattr(self, name))
+                check_bool(name, getattr(self, name))
             if self.backend != "auto" and self.backend not in BACKENDS:
                 raise ValueError(f"unknown backend={self.backend!r}; valid: 'auto', " + ", ".join(map(repr, BACKENDS)))
 
@@ -414,11 +406,11 @@ class RelativeConvAttention(nn.Module):
         def __post_init__(self):
             check_positive_int("dim", self.dim)
             check_positive_int("heads", self.heads)
-            self.head_dim = _check_head_dim(self.dim, self.heads, self.head_dim)
+            self.head_dim = resolve_head_dim(self.dim, self.heads, self.head_dim)
             for name in ("kernel_size", "max_distance", "chunk"):
                 check_positive_int(name, getattr(self, name))
             for name in ("causal", "qkv_bias", "out_bias"):
-                _check_bool(name, getattr(self, name))
+                check_bool(name, getattr(self, name))
 
     _check_tokens = MultiHeadAttention._check_tokens  # the same [B, N, C] input check as MHA
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from headwise.core.attention import BACKENDS, attention
-from headwise.variants.softmax import MultiHeadAttention, check_positive_int
+from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.checks import check_positive_int
 from headwise.variants.registry import register
 
 __all__ = ["object_positional_encoding", "SetAttention", "MemoryAttention"]

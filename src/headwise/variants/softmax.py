@@ -19,16 +19,13 @@ from torch import Tensor, nn
 from headwise import patterns
 from headwise.core.attention import BACKENDS, attention
 from headwise.patterns import Pattern
+from headwise.variants.checks import check_positive_int
 from headwise.variants.registry import register
 
 __all__ = ["MultiHeadAttention", "GroupedQueryAttention", "MultiQueryAttention"]
 
 
-def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {name}={value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+
 
 
 @register("mha")

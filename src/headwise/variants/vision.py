@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from headwise.variants.checks import check_positive_int
 from headwise.variants.registry import register
-from headwise.variants.softmax import check_positive_int
 
 __all__ = [
     "LargeKernelAttention",
