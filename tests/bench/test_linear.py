@@ -26,9 +26,10 @@ def test_run_small_shapes(tmp_path):
         assert r["us_per_token"] == pytest.approx(r["ms"] * 1e3 / r["n"])
         sdpa = next(s for s in rows if s["impl"] == "sdpa_causal" and (s["n"], s["pass"]) == (r["n"], r["pass"]))
         assert r["vs_sdpa"] == pytest.approx(sdpa["ms"] / r["ms"])
-    # the first length is timed `repeats` times; later ones, estimated fast from it, more (about MIN_TIMED_S)
+    # the first length is timed `repeats` times; later ones up to MAX_CALLS (how many depends on the machine's
+    # speed, so only the bounds are checked here)
     assert all(r["timed_calls"] == 1 for r in rows if r["n"] == 40)
-    assert all(1 < r["timed_calls"] <= bench.MAX_CALLS for r in rows if r["n"] == 100)
+    assert all(1 <= r["timed_calls"] <= bench.MAX_CALLS for r in rows if r["n"] == 100)
     summary = bench.summarize(rows)
     assert set(summary) == {"fwd", "fwd+bwd"}
     fwd = summary["fwd"]
