@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import headwise
-from headwise.bench.patterns import Column, cells, cpu_model, fmt_ms
+from headwise.bench.patterns import Column, cpu_model, fmt_ms, markdown_table, plain_rich_table
 from headwise.bench.timing import time_call
 from headwise.linear import chunk_linear_attention, decay_rates, naive_linear_attention
 from headwise.patterns import Causal
@@ -320,26 +320,12 @@ def _summary_lines(rows: Sequence[dict]) -> list[str]:
 
 def to_markdown(rows: Sequence[dict]) -> str:
     """A GitHub markdown table of the rows, then the summary and the notes."""
-    lines = ["| " + " | ".join(c.title for c in COLUMNS) + " |",
-             "|" + "|".join("---" if c.key in ("impl", "pass") else "---:" for c in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(cells(r, COLUMNS)) + " |" for r in rows]
-    extra = _summary_lines(rows) + _notes(rows)
-    if extra:
-        lines += [""] + [f"- {line}" for line in extra]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, COLUMNS, ("impl", "pass"), _summary_lines(rows) + _notes(rows))
 
 
 def to_rich_table(rows: Sequence[dict], title: str | None = None):
     """The same table as :func:`to_markdown`, as a :class:`rich.table.Table`."""
-    from rich.table import Table
-
-    caption = "\n".join(_summary_lines(rows) + _notes(rows)) or None
-    table = Table(title=title, caption=caption, caption_justify="left")
-    for c in COLUMNS:
-        table.add_column(c.title, justify="left" if c.key in ("impl", "pass") else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*cells(r, COLUMNS))
-    return table
+    return plain_rich_table(rows, COLUMNS, ("impl", "pass"), title, _summary_lines(rows) + _notes(rows))
 
 
 # ---- command line -----------------------------------------------------------------------------------------

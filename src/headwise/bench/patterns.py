@@ -538,6 +538,29 @@ def cells(row: dict, columns: Sequence[Column]) -> list[str]:
     return ["—" if row.get(c.key) is None else c.fmt(row[c.key]) for c in columns]
 
 
+def markdown_table(rows: Sequence[dict], columns: Sequence[Column], left: Sequence[str], extra: Sequence[str] = ()) -> str:
+    """A GitHub markdown table of ``rows`` (``left`` keys left-aligned, the rest right), then ``extra`` bullets."""
+    lines = ["| " + " | ".join(c.title for c in columns) + " |",
+             "|" + "|".join("---" if c.key in left else "---:" for c in columns) + "|"]
+    lines += ["| " + " | ".join(cells(r, columns)) + " |" for r in rows]
+    if extra:
+        lines += [""] + [f"- {line}" for line in extra]
+    return "\n".join(lines) + "\n"
+
+
+def plain_rich_table(rows: Sequence[dict], columns: Sequence[Column], left: Sequence[str], title: str | None,
+                     caption: Sequence[str] = ()):
+    """The same table as :func:`markdown_table`, as a :class:`rich.table.Table` (cells never wrap)."""
+    from rich.table import Table
+
+    table = Table(title=title, caption="\n".join(caption) or None, caption_justify="left")
+    for c in columns:
+        table.add_column(c.title, justify="left" if c.key in left else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*cells(r, columns))
+    return table
+
+
 def _notes(rows: Sequence[dict]) -> list[str]:
     """Each distinct note once: bare when every row has it, else prefixed with the cases that have it."""
     cases: dict[str, list[str]] = {}

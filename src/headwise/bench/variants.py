@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import headwise
-from headwise.bench.patterns import Column, cells, cpu_model, first_line, fmt_ms
+from headwise.bench.patterns import Column, cpu_model, first_line, fmt_ms, markdown_table, plain_rich_table
 from headwise.bench.timing import peak_memory_mb
 from headwise.variants.registry import config_fields, parse_spec
 
@@ -233,25 +233,12 @@ def _notes(rows: Sequence[dict]) -> list[str]:
 
 def to_markdown(rows: Sequence[dict]) -> str:
     """A GitHub markdown table of the rows, followed by their notes."""
-    lines = ["| " + " | ".join(c.title for c in COLUMNS) + " |",
-             "|" + "|".join("---" if c.key == "variant" else "---:" for c in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(cells(r, COLUMNS)) + " |" for r in rows]
-    notes = _notes(rows)
-    if notes:
-        lines += [""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, COLUMNS, ("variant",), _notes(rows))
 
 
 def to_rich_table(rows: Sequence[dict], title: str | None = None):
     """The same table as :func:`to_markdown`, as a :class:`rich.table.Table`."""
-    from rich.table import Table
-
-    table = Table(title=title, caption="\n".join(_notes(rows)) or None, caption_justify="left")
-    for c in COLUMNS:
-        table.add_column(c.title, justify="left" if c.key == "variant" else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*cells(r, COLUMNS))
-    return table
+    return plain_rich_table(rows, COLUMNS, ("variant",), title, _notes(rows))
 
 
 # ---- command line -----------------------------------------------------------------------------------------
