@@ -25,20 +25,18 @@ speedup over causal SDPA. Use :func:`run` from code, ``headwise bench linear`` f
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
 import statistics
-import platform
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 import headwise
-from headwise.bench.patterns import Column, cpu_model, fmt_ms, markdown_table, plain_rich_table
-from headwise.bench.timing import time_call
+from headwise.bench.patterns import Column, fmt_ms, markdown_table, plain_rich_table
+from headwise.bench.timing import environment, time_call
 from headwise.linear import chunk_linear_attention, decay_rates, naive_linear_attention
 from headwise.patterns import Causal
 
@@ -76,13 +74,6 @@ def _available_bytes() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
 
 
 def _skip_reason(impl: str, n: int, batch: int, heads: int, last: tuple[int, float] | None,
@@ -139,17 +130,7 @@ def bench_one(op: Callable, q, k, v, grad, pass_: str, repeats: int, max_s: floa
 
 def _header(*, batch, heads, head_dim, block_size, lengths, impls, passes, repeats, max_call_s, rounds, seed) -> dict:
     return {
-        "tool": "headwise bench linear",
-        "started": _dt.datetime.now().isoformat(timespec="seconds"),
-        "headwise": headwise.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu": cpu_model(),
-        "platform": platform.platform(),
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-        "loadavg_at_start": _loadavg(),  # other processes on a shared machine slow the timings
+        **environment("headwise bench linear"),
         "dtype": "float32",
         "batch": batch,
         "heads": heads,

@@ -33,14 +33,12 @@ Use :func:`run_pattern_bench` from code, ``headwise bench patterns`` from the sh
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import importlib.util
 import inspect
 import io
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +48,7 @@ import torch
 from torch import Tensor
 
 import headwise
-from headwise.bench.timing import peak_memory_mb, time_call
+from headwise.bench.timing import environment, peak_memory_mb, time_call
 from headwise.patterns import Neighborhood, Pattern, from_spec
 
 __all__ = [
@@ -325,35 +323,13 @@ class BenchReport:
         return to_markdown(self.rows)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def bench_header(*, backend: str, device: str, repeats: int, peers: Sequence[str], cases: Sequence[BenchCase]) -> dict:
     """What a reader needs to interpret (and reproduce) the numbers."""
     dev = torch.device(device)
     return {
-        "tool": "headwise bench patterns",
-        "started": _dt.datetime.now().isoformat(timespec="seconds"),
-        "headwise": headwise.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "cpu": cpu_model(),
-        "platform": platform.platform(),
+        **environment("headwise bench patterns"),
         "device": str(dev),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # others' work skews times
         "dtype": "float32",
         "backend": backend,
         "peers": list(peers),

@@ -19,8 +19,10 @@ at a resolution of about ``interval_s``: a call shorter than that may be under-r
 from __future__ import annotations
 
 import ctypes
+import datetime as _dt
 import gc
 import os
+import platform
 import statistics
 import threading
 import time
@@ -133,3 +135,35 @@ def peak_memory_mb(
         done.set()
         sampler.join()
     return max(peak - base, after - base, 0) / 2**20
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(tool: str) -> dict:
+    """The machine part of every benchmark's JSON header: what a reader needs to interpret the numbers."""
+    import headwise
+
+    return {
+        "tool": tool,
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "headwise": headwise.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "platform": platform.platform(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        # other processes on a shared machine slow every timing
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }

@@ -25,10 +25,8 @@ shell.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -37,8 +35,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 import headwise
-from headwise.bench.patterns import Column, cpu_model, first_line, fmt_ms, markdown_table, plain_rich_table
-from headwise.bench.timing import peak_memory_mb
+from headwise.bench.patterns import Column, first_line, fmt_ms, markdown_table, plain_rich_table
+from headwise.bench.timing import environment, peak_memory_mb
 from headwise.variants.registry import config_fields, parse_spec
 
 __all__ = ["run", "default_specs", "build_spec", "measure", "to_markdown", "to_rich_table", "add_arguments", "main"]
@@ -127,16 +125,7 @@ def measure(entries: Sequence[tuple[dict[str, Any], Callable]], repeats: int, ma
 
 def _header(*, dim: int, heads: int, batch: int, lengths: Sequence[int], repeats: int, max_s, seed: int) -> dict:
     return {
-        "tool": "headwise bench variants",
-        "started": _dt.datetime.now().isoformat(timespec="seconds"),
-        "headwise": headwise.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu": cpu_model(),
-        "platform": platform.platform(),
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        **environment("headwise bench variants"),
         "dtype": "float32",
         "dim": dim,
         "heads": heads,

@@ -19,6 +19,7 @@ Two executors share one plan:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -56,7 +57,7 @@ class BlockPlan:
     part_mask: Tensor  # (n_partial, tq_max, tk_max) bool
     q_inv: Tensor | None  # inverse of schedule.q_perm
 
-    @property
+    @functools.cached_property
     def computed_fraction(self) -> float:
         return self.schedule.computed_pairs() / (self.schedule.n_q * self.schedule.n_kv)
 

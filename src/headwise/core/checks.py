@@ -8,10 +8,11 @@ from torch import Tensor
 from headwise.patterns.base import Pattern
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, scale: float | None) -> None:
+def check_tensors(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """q, k, v are 4-D ``[B, H, N, D]`` floating-point tensors of one dtype on one device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor [B, H, N, D], got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, H, N, D], got {name}.shape={tuple(t.shape)}")
         if not t.is_floating_point():
@@ -20,6 +21,10 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, scale: f
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must share a device, got {q.device=}, {k.device=}, {v.device=}")
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, scale: float | None) -> None:
+    check_tensors(q, k, v)
     B, H, _, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch sizes differ: q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}")

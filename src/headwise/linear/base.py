@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from headwise.core.checks import check_tensors
+
 __all__ = ["decay_rates", "alibi_slopes", "NORMALIZER_EPS", "check_linear_inputs", "with_normalizer",
            "apply_normalizer"]
 
@@ -75,17 +77,7 @@ def check_linear_inputs(
     Clear errors name the argument and its value. The decay is a constant (the papers fix it): a decay that
     requires grad is refused rather than silently receiving no gradient.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor [B, H, N, D], got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, N, D], got {name}.shape={tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {name}.dtype={t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must share a device, got {q.device=}, {k.device=}, {v.device=}")
+    check_tensors(q, k, v)
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape [B, H, N, D], got q.shape={tuple(q.shape)}, "
                          f"k.shape={tuple(k.shape)}")
