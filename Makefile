@@ -7,7 +7,15 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: venv demo test bench clean
 
+# Debian packages the arena reads offline (Fashion-MNIST); installed when we are root with apt, else skipped
+# (the loader then says how to install them).
+SYSTEM_PACKAGES ?= dataset-fashion-mnist
+SYSTEM_MARKER ?= /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
 $(VENV)/.installed: pyproject.toml
+	@if [ ! -e "$(SYSTEM_MARKER)" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES)) || echo "note: could not install $(SYSTEM_PACKAGES)"; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"

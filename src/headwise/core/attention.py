@@ -14,6 +14,10 @@ from headwise.patterns.base import Causal, Full, Pattern
 
 log = logging.getLogger("headwise.core")
 
+# observers called as fn(q, k, v, pattern, scale, out) after every call, e.g. by headwise.analysis.capture;
+# they must not modify their arguments (the check below costs one truthiness test when the list is empty)
+OBSERVERS: list[Callable] = []
+
 __all__ = ["attention", "BACKENDS", "choose_backend"]
 
 
@@ -146,4 +150,7 @@ def attention(
         raise ValueError(f"{backend=} cannot run this case (q {tuple(q.shape)} {q.dtype} on {q.device}, "
                          f"pattern {pattern!r}, {return_lse=}); try backend='auto'")
     out, lse = chosen.run(q, k, v, pattern, scale, return_lse)
+    if OBSERVERS:
+        for observe in tuple(OBSERVERS):
+            observe(q, k, v, pattern, scale, out)
     return (out, lse) if return_lse else out

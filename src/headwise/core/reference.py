@@ -15,14 +15,18 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None = N
     Shapes: q ``[B, H, N, D]``, k ``[B, H_kv, M, D]``, v ``[B, H_kv, M, Dv]`` -> out ``[B, H, N, Dv]``,
     lse ``[B, H, N]`` (``-inf`` on fully-masked rows).
     """
-    B, H, N, _ = q.shape
-    groups = H // k.shape[1]
+    mask = None if pattern is None else pattern.dense_mask(q.shape[2], k.shape[2], device=q.device)  # (H or 1, N, M)
+    return masked_attention(q, k, v, mask, scale)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`naive_attention` with an explicit boolean ``mask`` broadcastable to ``[B, H, N, M]`` (True = attend)."""
+    groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, H, M, D)
     v = v.repeat_interleave(groups, dim=1)  # (B, H, M, Dv)
     acc = lse_dtype(q.dtype)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * default_scale(q, scale)  # (B, H, N, M)
-    if pattern is not None:
-        mask = pattern.dense_mask(N, k.shape[2], device=q.device)  # (H or 1, N, M)
+    if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, H, N)
     p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0)[..., None])  # zero rows stay zero

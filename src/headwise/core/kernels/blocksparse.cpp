@@ -6,6 +6,9 @@
 //   kv_tiles [nQT, V]                             visited key tiles, ascending, -1 padded (int64)
 //   part_idx [nQT, V]                             index into part_mask for partial tiles, -1 for full (int64)
 //   part_mask [nP, TQ, TK]                        element masks of the partial tiles (bool)
+// The grouped entry points (run-time schedules, one per (batch, head)) take q_bounds [G, nQT + 1],
+// kv_tiles / part_idx [G, nQT, V] with G = 1 or B * H (shorter groups pad with empty tiles), and optional
+// row_bounds [G, Nq, 2] (int64): row i only sees keys in [lo_i, hi_i) (e.g. causal: [0, i + 1)).
 //
 // One work item is (batch, head, query tile). Its visited key tiles are cut into chunks of at most
 // kChunk keys; runs of consecutive tiles that are contiguous in memory become one GEMM (the MKL BLAS
@@ -107,6 +110,7 @@ std::vector<Chunk> make_chunks(const int64_t* tiles, const int64_t* pidx, int64_
     const int64_t t = tiles[j];
     if (t < 0) break;
     const int64_t s = kvb[t], len = kvb[t + 1] - kvb[t];
+    TORCH_CHECK(len <= kChunk, "key tiles must hold at most ", kChunk, " keys, got ", len);
     if (cur.width > 0 && cur.width + len > kChunk) {
       chunks.push_back(std::move(cur));
       cur = Chunk();
@@ -139,11 +143,48 @@ inline void apply_partial_masks(const Chunk& c, T* S, int64_t ld, int64_t rows, 
 // S[rows][c.width] = scale * Q K^T over the chunk's keys, masked on its partial tiles.
 template <typename T>
 inline void chunk_scores(const Chunk& c, const T* Q, const T* K, int64_t rows, int64_t D, T scale, T* S,
-                         const bool* pmask, int64_t TQ, int64_t TK) {
+                         const bool* pmask, int64_t TQ, int64_t TK, const int64_t* rbounds) {
   for (const Segment& s : c.segs)
     gemm_rm<T>(false, true, rows, s.len, D, scale, Q, D, K + s.start * D, D, T(0), S + s.col, c.width);
   apply_partial_masks<T>(c, S, c.width, rows, pmask, TQ, TK);
+  if (rbounds == nullptr) return;
+  for (int64_t r = 0; r < rows; ++r) {  // keep keys in [lo, hi) of this row
+    const int64_t lo = rbounds[2 * r], hi = rbounds[2 * r + 1];
+    T* srow = S + r * c.width;
+    for (const Segment& s : c.segs) {
+      if (s.start >= lo && s.start + s.len <= hi) continue;
+      for (int64_t x = 0; x < s.len; ++x) {
+        const int64_t key = s.start + x;
+        srow[s.col + x] = (key >= lo && key < hi) ? srow[s.col + x] : masked_value<T>();
+      }
+    }
+  }
 }
+
+// Where one (batch, head)'s schedule lives in the grouped tensors (group stride 0 when shared by all).
+struct Groups {
+  const int64_t* qb; const int64_t* tiles; const int64_t* pidx; const int64_t* rb;
+  int64_t qb_stride, tiles_stride, rb_stride, nQT, V;
+  Groups(const at::Tensor& q_bounds, const at::Tensor& kv_tiles, const at::Tensor& part_idx,
+         const at::Tensor& row_bounds, int64_t Nq)
+      : qb(q_bounds.data_ptr<int64_t>()), tiles(kv_tiles.data_ptr<int64_t>()), pidx(part_idx.data_ptr<int64_t>()),
+        rb(row_bounds.numel() ? row_bounds.data_ptr<int64_t>() : nullptr), nQT(kv_tiles.size(1)), V(kv_tiles.size(2)) {
+    qb_stride = q_bounds.size(0) > 1 ? nQT + 1 : 0;
+    tiles_stride = kv_tiles.size(0) > 1 ? nQT * V : 0;
+    rb_stride = (rb && row_bounds.size(0) > 1) ? Nq * 2 : 0;
+  }
+  const int64_t* bounds(int64_t bh) const { return qb + bh * qb_stride; }
+  const int64_t* tiles_of(int64_t bh, int64_t qt) const { return tiles + bh * tiles_stride + qt * V; }
+  const int64_t* pidx_of(int64_t bh, int64_t qt) const { return pidx + bh * tiles_stride + qt * V; }
+  const int64_t* rows_of(int64_t bh, int64_t r0) const { return rb ? rb + bh * rb_stride + 2 * r0 : nullptr; }
+  int64_t max_rows(int64_t BH) const {
+    int64_t mr = 0;
+    const int64_t G = qb_stride ? BH : 1;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t t = 0; t < nQT; ++t) mr = std::max(mr, bounds(g)[t + 1] - bounds(g)[t]);
+    return mr;
+  }
+};
 
 // OpenMP's dynamic adjustment (which MKL switches on) shrinks a parallel region to fewer threads whenever the
 // load average is high, so a 2-core machine running anything else gets one thread. The kernel asks for the
@@ -168,26 +209,22 @@ void parallel_ranges(int64_t n, const F& f) {
 }
 
 template <typename T>
-void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_bounds,
-                  const at::Tensor& kv_bounds, const at::Tensor& kv_tiles, const at::Tensor& part_idx,
-                  const at::Tensor& part_mask, double scale, at::Tensor& out, at::Tensor& lse) {
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Groups& g,
+                  const at::Tensor& kv_bounds, const at::Tensor& part_mask, double scale, at::Tensor& out,
+                  at::Tensor& lse) {
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
   const int64_t group = H / Hkv;
-  const int64_t nQT = q_bounds.numel() - 1, V = kv_tiles.size(1);
+  const int64_t nQT = g.nQT;
   const int64_t TQ = part_mask.size(1), TK = part_mask.size(2);
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   T* lp = lse.data_ptr<T>();
-  const int64_t* qb = q_bounds.data_ptr<int64_t>();
   const int64_t* kvb = kv_bounds.data_ptr<int64_t>();
-  const int64_t* tiles = kv_tiles.data_ptr<int64_t>();
-  const int64_t* pidx = part_idx.data_ptr<int64_t>();
   const bool* pmask = part_mask.data_ptr<bool>();
-  int64_t max_rows = 0;
-  for (int64_t t = 0; t < nQT; ++t) max_rows = std::max(max_rows, qb[t + 1] - qb[t]);
+  const int64_t max_rows = g.max_rows(B * H);
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
   parallel_ranges(B * H * nQT, [&](int64_t begin, int64_t end) {
@@ -195,16 +232,19 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::vector<T> S(max_rows * kChunk), acc(max_rows * Dv), m(max_rows), l(max_rows);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qt = item % nQT, bh = item / nQT, b = bh / H, h = bh % H;
+      const int64_t* qb = g.bounds(bh);
       const int64_t r0 = qb[qt], rows = qb[qt + 1] - r0;
+      if (rows == 0) continue;
       const T* Q = qp + (bh * Nq + r0) * D;
       const T* K = kp + (b * Hkv + h / group) * Nk * D;
       const T* Vv = vp + (b * Hkv + h / group) * Nk * Dv;
       std::fill(acc.begin(), acc.begin() + rows * Dv, T(0));
       std::fill(m.begin(), m.begin() + rows, masked_value<T>());
       std::fill(l.begin(), l.begin() + rows, T(0));
-      for (const Chunk& c : make_chunks(tiles + qt * V, pidx + qt * V, V, kvb)) {
+      const int64_t* rbounds = g.rows_of(bh, r0);
+      for (const Chunk& c : make_chunks(g.tiles_of(bh, qt), g.pidx_of(bh, qt), g.V, kvb)) {
         const int64_t W = c.width;
-        chunk_scores<T>(c, Q, K, rows, D, T(scale), S.data(), pmask, TQ, TK);
+        chunk_scores<T>(c, Q, K, rows, D, T(scale), S.data(), pmask, TQ, TK, rbounds);
         for (int64_t r = 0; r < rows; ++r) {
           T* srow = S.data() + r * W;
           T mx = masked_value<T>();
@@ -245,15 +285,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 template <typename T>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
-                   const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& q_bounds,
-                   const at::Tensor& kv_bounds, const at::Tensor& kv_tiles, const at::Tensor& part_idx,
-                   const at::Tensor& part_mask, double scale, at::Tensor& dq, at::Tensor& dk_all,
-                   at::Tensor& dv_all) {
+                   const at::Tensor& lse, const at::Tensor& delta, const Groups& g,
+                   const at::Tensor& kv_bounds, const at::Tensor& part_mask, double scale, at::Tensor& dq,
+                   at::Tensor& dk_all, at::Tensor& dv_all) {
   // dk_all / dv_all: [threads, B, Hkv, Nk, D or Dv], one private accumulator per thread, summed by the caller.
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
   const int64_t group = H / Hkv;
-  const int64_t nQT = q_bounds.numel() - 1, V = kv_tiles.size(1);
+  const int64_t nQT = g.nQT;
   const int64_t TQ = part_mask.size(1), TK = part_mask.size(2);
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
@@ -264,15 +303,11 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   T* dqp = dq.data_ptr<T>();
   T* dkp = dk_all.data_ptr<T>();
   T* dvp = dv_all.data_ptr<T>();
-  const int64_t* qb = q_bounds.data_ptr<int64_t>();
   const int64_t* kvb = kv_bounds.data_ptr<int64_t>();
-  const int64_t* tiles = kv_tiles.data_ptr<int64_t>();
-  const int64_t* pidx = part_idx.data_ptr<int64_t>();
   const bool* pmask = part_mask.data_ptr<bool>();
   const int64_t n_slots = dk_all.size(0);
   const int64_t dk_slot = B * Hkv * Nk * D, dv_slot = B * Hkv * Nk * Dv;
-  int64_t max_rows = 0;
-  for (int64_t t = 0; t < nQT; ++t) max_rows = std::max(max_rows, qb[t + 1] - qb[t]);
+  const int64_t max_rows = g.max_rows(B * H);
 
   // Static split into n_slots contiguous ranges, one accumulator each (no races on dk/dv).
   const int64_t total = B * H * nQT;
@@ -285,7 +320,9 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       const int64_t ibeg = total * slot / n_slots, iend = total * (slot + 1) / n_slots;
       for (int64_t item = ibeg; item < iend; ++item) {
         const int64_t qt = item % nQT, bh = item / nQT, b = bh / H, h = bh % H;
+        const int64_t* qb = g.bounds(bh);
         const int64_t r0 = qb[qt], rows = qb[qt + 1] - r0;
+        if (rows == 0) continue;
         const int64_t kvh = b * Hkv + h / group;
         const T* Q = qp + (bh * Nq + r0) * D;
         const T* dO = dop + (bh * Nq + r0) * Dv;
@@ -296,9 +333,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const T* Vv = vp + kvh * Nk * Dv;
         T* dK = DK + kvh * Nk * D;
         T* dV = DV + kvh * Nk * Dv;
-        for (const Chunk& c : make_chunks(tiles + qt * V, pidx + qt * V, V, kvb)) {
+        const int64_t* rbounds = g.rows_of(bh, r0);
+        for (const Chunk& c : make_chunks(g.tiles_of(bh, qt), g.pidx_of(bh, qt), g.V, kvb)) {
           const int64_t W = c.width;
-          chunk_scores<T>(c, Q, K, rows, D, T(scale), P.data(), pmask, TQ, TK);
+          chunk_scores<T>(c, Q, K, rows, D, T(scale), P.data(), pmask, TQ, TK, rbounds);
           for (int64_t r = 0; r < rows; ++r) {
             T* prow = P.data() + r * W;
             const T lr = L[r];
@@ -333,41 +371,68 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_bounds,
                   const at::Tensor& kv_bounds, const at::Tensor& kv_tiles, const at::Tensor& part_idx,
-                  const at::Tensor& part_mask) {
+                  const at::Tensor& part_mask, const at::Tensor& row_bounds) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "dtype mismatch");
   TORCH_CHECK(q_bounds.scalar_type() == at::kLong && kv_bounds.scalar_type() == at::kLong, "bounds must be int64");
   TORCH_CHECK(kv_tiles.scalar_type() == at::kLong && part_idx.scalar_type() == at::kLong, "tiles must be int64");
   TORCH_CHECK(part_mask.scalar_type() == at::kBool && part_mask.dim() == 3 && part_mask.is_contiguous(), "bad part_mask");
-  TORCH_CHECK(kv_tiles.is_contiguous() && part_idx.is_contiguous() && kv_tiles.sizes() == part_idx.sizes(), "bad tiles");
+  TORCH_CHECK(kv_tiles.dim() == 3 && kv_tiles.is_contiguous() && part_idx.is_contiguous() &&
+              kv_tiles.sizes() == part_idx.sizes(), "bad tiles");
+  TORCH_CHECK(q_bounds.dim() == 2 && q_bounds.is_contiguous() && q_bounds.size(1) == kv_tiles.size(1) + 1, "bad q_bounds");
+  const int64_t BH = q.size(0) * q.size(1);
+  TORCH_CHECK(q_bounds.size(0) == 1 || q_bounds.size(0) == BH, "q_bounds groups must be 1 or B * H");
+  TORCH_CHECK(kv_tiles.size(0) == 1 || kv_tiles.size(0) == BH, "kv_tiles groups must be 1 or B * H");
+  if (row_bounds.numel()) {
+    TORCH_CHECK(row_bounds.scalar_type() == at::kLong && row_bounds.dim() == 3 && row_bounds.is_contiguous() &&
+                row_bounds.size(1) == q.size(2) && row_bounds.size(2) == 2, "bad row_bounds");
+    TORCH_CHECK(row_bounds.size(0) == 1 || row_bounds.size(0) == BH, "row_bounds groups must be 1 or B * H");
+  }
 }
 
-std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_bounds, at::Tensor kv_bounds,
-                                at::Tensor kv_tiles, at::Tensor part_idx, at::Tensor part_mask, double scale) {
-  check_inputs(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask);
-  auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+std::vector<at::Tensor> forward_grouped(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_bounds,
+                                        at::Tensor kv_bounds, at::Tensor kv_tiles, at::Tensor part_idx,
+                                        at::Tensor part_mask, at::Tensor row_bounds, double scale) {
+  check_inputs(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask, row_bounds);
+  const Groups g(q_bounds, kv_tiles, part_idx, row_bounds, q.size(2));
+  auto out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  auto lse = at::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(), q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "blocksparse_forward", [&] {
-    forward_impl<scalar_t>(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask, scale, out, lse);
+    forward_impl<scalar_t>(q, k, v, g, kv_bounds, part_mask, scale, out, lse);
   });
   return {out, lse};
 }
 
-std::vector<at::Tensor> backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor lse,
-                                 at::Tensor delta, at::Tensor q_bounds, at::Tensor kv_bounds, at::Tensor kv_tiles,
-                                 at::Tensor part_idx, at::Tensor part_mask, double scale) {
-  check_inputs(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask);
+std::vector<at::Tensor> backward_grouped(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor lse,
+                                         at::Tensor delta, at::Tensor q_bounds, at::Tensor kv_bounds,
+                                         at::Tensor kv_tiles, at::Tensor part_idx, at::Tensor part_mask,
+                                         at::Tensor row_bounds, double scale) {
+  check_inputs(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask, row_bounds);
   TORCH_CHECK(dout.is_contiguous() && lse.is_contiguous() && delta.is_contiguous(), "dout, lse, delta must be contiguous");
+  const Groups g(q_bounds, kv_tiles, part_idx, row_bounds, q.size(2));
   const int64_t slots = std::max<int64_t>(1, at::get_num_threads());
   auto dq = at::zeros_like(q);
   auto dk_all = at::zeros({slots, k.size(0), k.size(1), k.size(2), k.size(3)}, k.options());
   auto dv_all = at::zeros({slots, v.size(0), v.size(1), v.size(2), v.size(3)}, v.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "blocksparse_backward", [&] {
-    backward_impl<scalar_t>(q, k, v, dout, lse, delta, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask, scale,
-                            dq, dk_all, dv_all);
+    backward_impl<scalar_t>(q, k, v, dout, lse, delta, g, kv_bounds, part_mask, scale, dq, dk_all, dv_all);
   });
   return {dq, dk_all.sum(0), dv_all.sum(0)};
+}
+
+// One static schedule for every (batch, head): q_bounds [nQT + 1], kv_tiles / part_idx [nQT, V].
+std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_bounds, at::Tensor kv_bounds,
+                                at::Tensor kv_tiles, at::Tensor part_idx, at::Tensor part_mask, double scale) {
+  return forward_grouped(q, k, v, q_bounds.unsqueeze(0), kv_bounds, kv_tiles.unsqueeze(0), part_idx.unsqueeze(0),
+                         part_mask, at::empty({0}, q_bounds.options()), scale);
+}
+
+std::vector<at::Tensor> backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor lse,
+                                 at::Tensor delta, at::Tensor q_bounds, at::Tensor kv_bounds, at::Tensor kv_tiles,
+                                 at::Tensor part_idx, at::Tensor part_mask, double scale) {
+  return backward_grouped(q, k, v, dout, lse, delta, q_bounds.unsqueeze(0), kv_bounds, kv_tiles.unsqueeze(0),
+                          part_idx.unsqueeze(0), part_mask, at::empty({0}, q_bounds.options()), scale);
 }
 
 }  // namespace
@@ -377,4 +442,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "OpenMP dynamic thread adjustment of the calling thread (benchmarks switch it off for every op)");
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv)");
+  m.def("forward_grouped", &forward_grouped, "forward with per-(batch, head) schedules and row bounds: (out, lse)");
+  m.def("backward_grouped", &backward_grouped, "backward with per-(batch, head) schedules and row bounds");
 }

@@ -1,0 +1,353 @@
+"""Attention over key blocks chosen at run time (MoBA, VMoBA, HiP, ...): the selection becomes speed.
+
+A content-aware method picks, per (batch, head) and query block, which key blocks to visit; this module
+runs attention over exactly those blocks on the block-sparse engine, so the work is proportional to what was
+selected. The selection is an input (``kv_blocks``), computed by the caller (``headwise.selection``);
+gradients flow to ``q``, ``k``, ``v``, not to the indices.
+
+Semantics (``selection_mask`` materializes them): query ``i`` attends key ``j`` iff some slot ``s`` has
+``kv_blocks[b, h, i // block_q, s] == j // block_kv``, ``row_mask[b, h, i // block_q, s, i % block_q]``
+(when given) and ``pattern.mask(i, j)`` (when given). Rows with no key give zeros and ``lse = -inf``.
+
+Two layouts on the CPU kernel (``kernels/blocksparse.cpp``, grouped entry points):
+
+* block-major (``row_mask is None``): each query block's rows visit the union of its selected blocks; one
+  schedule per (batch, head).
+* row-major (``row_mask`` given, per-token selection such as MoBA's): every selected (query, key block) pair
+  becomes a *virtual row*; virtual rows are grouped by key block into query tiles, so each tile is one GEMM
+  against one contiguous key block and no unselected pair is computed. Partial results are merged by the
+  log-sum-exp; the backward reuses the kernel with the merged lse and ``delta = rowsum(dO * O)``, which gives
+  each virtual row its exact share of the gradient.
+
+``pattern`` must be ``None`` or :class:`~headwise.patterns.Causal` on the kernel (applied as per-row key
+bounds); any other pattern, and every non-CPU device, uses a chunked masked PyTorch path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from headwise.core.checks import check_qkv, default_scale, lse_dtype
+from headwise.core.reference import masked_attention
+from headwise.patterns.base import Causal, Pattern
+
+__all__ = ["block_select_attention", "selection_mask"]
+
+_ROWS = 64  # query rows per engine tile
+_KV_PIECE = 512  # key blocks larger than this are split into engine tiles of at most this many keys
+_BACKENDS = ("auto", "reference", "blocksparse")
+
+
+# ---- checks and the dense meaning ----------------------------------------------------------------------
+def _check_selection(kv_blocks, n_q, n_kv, block_q, block_kv, row_mask, pattern, B=None, H=None):
+    for name, val in (("block_q", block_q), ("block_kv", block_kv)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {name}={val!r}")
+    if not isinstance(kv_blocks, Tensor) or kv_blocks.dim() != 4 or kv_blocks.dtype != torch.long:
+        raise TypeError(f"kv_blocks must be an int64 tensor [B, H, ceil(N / block_q), S], got "
+                        f"{type(kv_blocks).__name__} {getattr(kv_blocks, 'shape', '')} {getattr(kv_blocks, 'dtype', '')}")
+    n_qb, n_kb = math.ceil(n_q / block_q), math.ceil(n_kv / block_kv)
+    if kv_blocks.shape[2] != n_qb:
+        raise ValueError(f"kv_blocks.shape={tuple(kv_blocks.shape)} needs ceil({n_q=} / {block_q=}) = {n_qb} query blocks")
+    if B is not None and tuple(kv_blocks.shape[:2]) != (B, H):
+        raise ValueError(f"kv_blocks.shape={tuple(kv_blocks.shape)} must start with (B, H) = {(B, H)}")
+    if kv_blocks.numel() and (int(kv_blocks.min()) < -1 or int(kv_blocks.max()) >= n_kb):
+        raise ValueError(f"kv_blocks values must be -1 or in [0, {n_kb}) (ceil({n_kv=} / {block_kv=})), "
+                         f"got min {int(kv_blocks.min())}, max {int(kv_blocks.max())}")
+    if row_mask is not None:
+        want = (*kv_blocks.shape, block_q)
+        if not isinstance(row_mask, Tensor) or row_mask.dtype != torch.bool or tuple(row_mask.shape) != want:
+            raise ValueError(f"row_mask must be a bool tensor of shape {want}, got "
+                             f"{getattr(row_mask, 'dtype', type(row_mask).__name__)} {tuple(getattr(row_mask, 'shape', ()))}")
+    if pattern is not None:
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a headwise Pattern or None, got {pattern!r}")
+        pattern.check(n_q, n_kv)
+
+
+def selection_mask(kv_blocks: Tensor, n_q: int, n_kv: int, *, block_q: int, block_kv: int,
+                   row_mask: Tensor | None = None, pattern: Pattern | None = None) -> Tensor:
+    """The dense boolean mask ``[B, H, n_q, n_kv]`` a selection means (the reference; O(N M) memory)."""
+    _check_selection(kv_blocks, n_q, n_kv, block_q, block_kv, row_mask, pattern)
+    B, H, n_qb, S = kv_blocks.shape
+    n_kb = math.ceil(n_kv / block_kv)
+    use = (kv_blocks >= 0)[..., None].expand(B, H, n_qb, S, block_q)  # (B, H, nQB, S, bq)
+    if row_mask is not None:
+        use = use & row_mask.to(kv_blocks.device)
+    sel = torch.zeros(B, H, n_qb, block_q, n_kb + 1, dtype=torch.int32, device=kv_blocks.device)
+    idx = kv_blocks.masked_fill(kv_blocks < 0, n_kb)[:, :, :, None, :].expand(B, H, n_qb, block_q, S)
+    sel.scatter_add_(-1, idx, use.transpose(-1, -2).to(torch.int32))
+    blocks = (sel[..., :n_kb] > 0).reshape(B, H, n_qb * block_q, n_kb)[:, :, :n_q]  # (B, H, N, nKB)
+    mask = blocks.repeat_interleave(block_kv, dim=-1)[..., :n_kv]  # (B, H, N, M)
+    if pattern is not None:
+        mask = mask & pattern.dense_mask(n_q, n_kv, device=mask.device)  # (H or 1, N, M)
+    return mask
+
+
+# ---- entry point ---------------------------------------------------------------------------------------
+def block_select_attention(q: Tensor, k: Tensor, v: Tensor, kv_blocks: Tensor, *, block_q: int, block_kv: int,
+                           row_mask: Tensor | None = None, pattern: Pattern | None = None,
+                           scale: float | None = None, return_lse: bool = False, backend: str = "auto"):
+    """Attention restricted to run-time selected key blocks.
+
+    Args:
+        q: ``[B, H, N, D]``; k: ``[B, H_kv, M, D]``; v: ``[B, H_kv, M, Dv]`` (GQA as in :func:`headwise.attention`).
+        kv_blocks: int64 ``[B, H, ceil(N / block_q), S]``: key block ids (``0 .. ceil(M / block_kv) - 1``) each
+            query block visits; ``-1`` = unused slot; order free; a repeated id counts once.
+        block_q, block_kv: query / key block sizes in tokens (the last blocks may be shorter).
+        row_mask: optional bool ``[B, H, ceil(N / block_q), S, block_q]``: row ``r`` of the query block uses slot ``s``.
+        pattern: optional static pattern intersected at token level (e.g. ``Causal()``).
+        scale: score scale, default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp per row ``[B, H, N]``.
+        backend: ``"auto"`` (the CPU kernel when it applies, else the chunked PyTorch path), ``"reference"``
+            (dense :func:`selection_mask` + materialized softmax) or ``"blocksparse"``.
+
+    Returns:
+        ``out`` ``[B, H, N, Dv]`` (or ``(out, lse)``).
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown {backend=}; valid: {', '.join(map(repr, _BACKENDS))}")
+    check_qkv(q, k, v, None, scale)
+    B, H, N, _ = q.shape
+    M = k.shape[2]
+    _check_selection(kv_blocks, N, M, block_q, block_kv, row_mask, pattern, B, H)
+    kv_blocks = kv_blocks.to(q.device)
+    row_mask = None if row_mask is None else row_mask.to(q.device)
+    scale = default_scale(q, scale)
+    if backend == "reference":
+        mask = selection_mask(kv_blocks, N, M, block_q=block_q, block_kv=block_kv, row_mask=row_mask, pattern=pattern)
+        out, lse = masked_attention(q, k, v, mask, scale)
+    elif _kernel_applies(q, pattern):
+        out, lse = _kernel_path(q, k, v, kv_blocks, block_q, block_kv, row_mask, pattern, scale)
+    else:
+        out, lse = _chunked_path(q, k, v, kv_blocks, block_q, block_kv, row_mask, pattern, scale)
+    return (out, lse) if return_lse else out
+
+
+def _kernel_applies(q: Tensor, pattern: Pattern | None) -> bool:
+    from headwise.core.blocksparse import extension
+
+    return (q.device.type == "cpu" and (pattern is None or type(pattern) is Causal)
+            and extension() is not None)
+
+
+def _chunked_path(q, k, v, kv_blocks, block_q, block_kv, row_mask, pattern, scale, max_elems=1 << 24):
+    """Masked dense attention over query chunks (whole query blocks): O(chunk x M) memory; any device."""
+    B, H, N, _ = q.shape
+    M = k.shape[2]
+    blocks_per = max(1, max_elems // max(1, B * H * block_q * M))
+    outs, lses = [], []
+    for b0 in range(0, kv_blocks.shape[2], blocks_per):
+        b1 = min(b0 + blocks_per, kv_blocks.shape[2])
+        r0, r1 = b0 * block_q, min(b1 * block_q, N)
+        rm = None if row_mask is None else row_mask[:, :, b0:b1]
+        mask = selection_mask(kv_blocks[:, :, b0:b1], r1 - r0, M, block_q=block_q, block_kv=block_kv, row_mask=rm)
+        if pattern is not None:
+            rows = torch.arange(r0, r1, device=q.device)[:, None]
+            mask = mask & pattern.mask(rows, torch.arange(M, device=q.device)[None, :])  # (B, H, c, M)
+        o, l = masked_attention(q[:, :, r0:r1], k, v, mask, scale)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+# ---- the CPU kernel path -------------------------------------------------------------------------------
+def _kv_tiles(M: int, block_kv: int) -> tuple[Tensor, int]:
+    """Engine key-tile bounds: each selection block split into ``pieces`` tiles of at most _KV_PIECE keys."""
+    pieces = math.ceil(block_kv / _KV_PIECE)
+    width = math.ceil(block_kv / pieces)
+    n_kb = math.ceil(M / block_kv)
+    starts = (torch.arange(n_kb)[:, None] * block_kv + torch.arange(pieces)[None, :] * width).reshape(-1)
+    return torch.cat([starts.clamp(max=M), torch.tensor([M])]), pieces  # pieces * width >= block_kv: contiguous
+
+
+def _row_bounds(rows: Tensor, M: int, pattern: Pattern | None) -> Tensor:
+    """Per-row visible key range ``[lo, hi)`` ``(..., 2)`` for ``pattern`` (None or Causal)."""
+    hi = torch.full_like(rows, M) if pattern is None else (rows + pattern.offset + 1).clamp(0, M)
+    return torch.stack([torch.zeros_like(rows), hi], -1)
+
+
+def _dedupe(kv_blocks: Tensor, row_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Sort each slot list ascending (-1 last), drop repeats; a repeat's row mask is OR-ed into its first slot."""
+    S = kv_blocks.shape[-1]
+    big = torch.iinfo(torch.long).max
+    key, order = kv_blocks.masked_fill(kv_blocks < 0, big).sort(-1)  # ascending, unused last
+    if row_mask is not None:
+        row_mask = row_mask.gather(-2, order[..., None].expand_as(row_mask))
+        same = key[..., :, None] == key[..., None, :]  # (..., S, S)
+        row_mask = (same.to(torch.int32) @ row_mask.to(torch.int32)) > 0
+    repeat = torch.zeros_like(key, dtype=torch.bool)
+    repeat[..., 1:] = key[..., 1:] == key[..., :-1]
+    key, order = key.masked_fill(repeat, big).sort(-1)  # repeats move behind the kept slots
+    if row_mask is not None:
+        row_mask = row_mask.gather(-2, order[..., None].expand_as(row_mask)) & (key != big)[..., None]
+    return key.masked_fill(key == big, -1), row_mask
+
+
+def _kernel_path(q, k, v, kv_blocks, block_q, block_kv, row_mask, pattern, scale):
+    B, H, N, _ = q.shape
+    M = k.shape[2]
+    kv_bounds, pieces = _kv_tiles(M, block_kv)
+    kv_blocks, row_mask = _dedupe(kv_blocks, row_mask)
+    if row_mask is None:
+        sched = _block_major(kv_blocks, N, M, block_q, block_kv, pieces, kv_bounds, pattern)
+    else:
+        sched = _row_major(kv_blocks, row_mask, N, M, block_q, pieces, pattern)
+    dtype = q.dtype
+    work = (lambda t: t) if dtype in (torch.float32, torch.float64) else (lambda t: t.float())
+    out, lse = _GroupedKernel.apply(work(q), work(k), work(v), sched, kv_bounds, scale)
+    return out.to(dtype), lse
+
+
+def _block_major(kv_blocks, N, M, block_q, block_kv, pieces, kv_bounds, pattern):
+    """Every query block's rows visit its selected blocks; engine tiles of <= _ROWS rows inside the block."""
+    B, H, n_qb, S = kv_blocks.shape
+    sub = math.ceil(block_q / _ROWS)
+    rows_per = math.ceil(block_q / sub)
+    starts = (torch.arange(n_qb)[:, None] * block_q + torch.arange(sub)[None, :] * rows_per).reshape(-1)
+    q_bounds = torch.cat([starts.clamp(max=N), torch.tensor([N])])  # sub-tiles are contiguous
+    tiles = kv_blocks[:, :, :, None, :, None] * pieces + torch.arange(pieces)  # (B, H, nQB, 1, S, pieces)
+    tiles = tiles.masked_fill((kv_blocks < 0)[:, :, :, None, :, None], -1)
+    tiles = tiles.expand(B, H, n_qb, sub, S, pieces).reshape(B * H, n_qb * sub, S * pieces)
+    row_bounds = None
+    if pattern is not None:  # causal: drop key tiles wholly after a query tile's last visible key
+        hi_last = (q_bounds[1:] - 1 + pattern.offset + 1).clamp(0, M)  # (nQT,)
+        start = kv_bounds[tiles.clamp(min=0)]
+        tiles = tiles.masked_fill(start >= hi_last[None, :, None], -1)
+        row_bounds = _row_bounds(torch.arange(N), M, pattern)[None]  # (1, N, 2)
+    tiles = _ascending(tiles)
+    return _Schedule(q_bounds[None].contiguous(), tiles.contiguous(), row_bounds, None, N, None)
+
+
+def _ascending(tiles: Tensor) -> Tensor:
+    """Each slot list sorted ascending with the -1 (unused) slots last."""
+    big = torch.iinfo(torch.long).max
+    key = tiles.masked_fill(tiles < 0, big).sort(-1).values
+    return key.masked_fill(key == big, -1)
+
+
+def _row_major(kv_blocks, row_mask, N, M, block_q, pieces, pattern):
+    """Virtual rows = selected (query, key block) pairs, grouped by key block into tiles of <= _ROWS rows."""
+    B, H, n_qb, S = kv_blocks.shape
+    BH = B * H
+    qpos = (torch.arange(n_qb)[:, None] * block_q + torch.arange(block_q)[None, :])  # (nQB, bq)
+    use = row_mask & (qpos < N)[None, None, :, None, :]  # (B, H, nQB, S, bq)
+    use = use.reshape(BH, -1)
+    blk = kv_blocks[..., None].expand(B, H, n_qb, S, block_q).reshape(BH, -1)
+    qry = qpos[None, None, :, None, :].expand(B, H, n_qb, S, block_q).reshape(BH, -1)
+    n_kb = int(kv_blocks.max()) + 1 if kv_blocks.numel() else 0
+    n_kb = max(n_kb, 1)
+    counts = [int(c) for c in use.sum(1)]
+    Nv = max(counts) + 1  # the last virtual row of every group is padding: out 0, lse -inf
+    s_max = max(1, int(use.view(BH, n_qb, S, block_q).sum(2).max()))  # most blocks one query selected
+    vq = torch.zeros(BH, Nv, dtype=torch.long)  # query index of every virtual row
+    slots = torch.full((BH, N * s_max), Nv - 1, dtype=torch.long)  # (query, k-th selection) -> virtual row
+    row_bounds = torch.zeros(BH, Nv, 2, dtype=torch.long)  # padding rows see nothing
+    tile_lists, bound_lists = [], []
+    for g in range(BH):
+        sel = use[g].nonzero().squeeze(1)
+        b_g, q_g = blk[g, sel], qry[g, sel]
+        order = torch.argsort(b_g * (N + 1) + q_g)
+        b_g, q_g = b_g[order], q_g[order]
+        n = b_g.numel()
+        vq[g, :n] = q_g
+        by_q = torch.argsort(q_g, stable=True)
+        q_sorted = q_g[by_q]
+        rank = torch.arange(n) - torch.searchsorted(q_sorted, q_sorted)  # k-th selection of its query
+        slots[g, q_sorted * s_max + rank] = by_q
+        row_bounds[g, :n] = _row_bounds(q_g, M, pattern)
+        per_block = torch.bincount(b_g, minlength=n_kb)  # rows per key block
+        n_tiles = (per_block + _ROWS - 1) // _ROWS
+        tile_block = torch.repeat_interleave(torch.arange(n_kb), n_tiles)  # (nT,)
+        first = torch.cumsum(per_block, 0) - per_block  # first virtual row of each block
+        k_in = torch.arange(tile_block.numel()) - torch.repeat_interleave(torch.cumsum(n_tiles, 0) - n_tiles, n_tiles)
+        t_start = first[tile_block] + k_in * _ROWS
+        tile_lists.append(tile_block)
+        bound_lists.append(t_start)
+    nQT = max(1, max(t.numel() for t in tile_lists))
+    q_bounds = torch.full((BH, nQT + 1), 0, dtype=torch.long)
+    tiles = torch.full((BH, nQT, pieces), -1, dtype=torch.long)
+    for g, (tb, ts) in enumerate(zip(tile_lists, bound_lists)):
+        n = tb.numel()
+        q_bounds[g, :n] = ts
+        q_bounds[g, n:] = counts[g]  # end of the last tile, then empty padding tiles
+        tiles[g, :n] = tb[:, None] * pieces + torch.arange(pieces)
+    return _Schedule(q_bounds, tiles, row_bounds, vq, N, slots.view(B, H, N, s_max))
+
+
+class _Schedule:
+    """Grouped kernel inputs: q_bounds [G, nQT + 1], kv_tiles [G, nQT, V], row_bounds [G, Nv, 2] or None, and
+    (row-major layout) ``vq`` [B * H, Nv], the query of every virtual row, and ``slots`` [B, H, N, s_max], the
+    virtual rows of every query (the padding row ``Nv - 1`` where it selected fewer)."""
+
+    def __init__(self, q_bounds, kv_tiles, row_bounds, vq, n_q, slots):
+        self.q_bounds, self.kv_tiles, self.row_bounds, self.vq, self.n_q = q_bounds, kv_tiles, row_bounds, vq, n_q
+        self.slots = slots
+        self.part_idx = torch.full_like(kv_tiles, -1)
+        self.part_mask = torch.zeros(0, 1, 1, dtype=torch.bool)
+        empty = torch.empty(0, dtype=torch.long)
+        self.rb = empty if row_bounds is None else row_bounds.contiguous()
+
+
+class _GroupedKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sched: _Schedule, kv_bounds, scale):
+        from headwise.core.blocksparse import extension
+
+        B, H, N, D = q.shape
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        qv = q if sched.vq is None else _gather_rows(q, sched.vq)  # (B, H, Nv, D)
+        out_v, lse_v = extension().forward_grouped(qv, k, v, sched.q_bounds, kv_bounds, sched.kv_tiles,
+                                                   sched.part_idx, sched.part_mask, sched.rb, scale)
+        out, lse = (out_v, lse_v) if sched.vq is None else _merge_rows(out_v, lse_v, sched.slots)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.sched, ctx.kv_bounds, ctx.scale = sched, kv_bounds, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from headwise.core.blocksparse import extension
+
+        q, k, v, out, lse = ctx.saved_tensors
+        s = ctx.sched
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        delta = (dout * out).sum(-1)  # (B, H, N)
+        if dlse is not None:
+            delta = delta - dlse
+        lse_safe = lse.masked_fill(torch.isinf(lse), -1e30)
+        qv, dout_v, lse_v, delta_v = q, dout, lse_safe, delta
+        if s.vq is not None:
+            qv, dout_v = _gather_rows(q, s.vq), _gather_rows(dout, s.vq)
+            lse_v, delta_v = _gather_rows(lse_safe[..., None], s.vq)[..., 0], _gather_rows(delta[..., None], s.vq)[..., 0]
+        dqv, dk, dv = extension().backward_grouped(qv, k, v, dout_v.contiguous(), lse_v.contiguous(),
+                                                   delta_v.contiguous(), s.q_bounds, ctx.kv_bounds, s.kv_tiles,
+                                                   s.part_idx, s.part_mask, s.rb, ctx.scale)
+        dq = dqv if s.vq is None else _per_query(dqv, s.slots).sum(-2)
+        return dq, dk, dv, None, None, None
+
+
+def _gather_rows(x: Tensor, vq: Tensor) -> Tensor:
+    """``x`` ``[B, H, N, F]`` -> ``[B, H, Nv, F]`` at the virtual rows' queries (``vq`` ``[B * H, Nv]``)."""
+    B, H, N, F = x.shape
+    flat = (torch.arange(B * H)[:, None] * N + vq).view(-1)
+    return x.reshape(B * H * N, F).index_select(0, flat).view(B, H, -1, F)
+
+
+def _per_query(xv: Tensor, slots: Tensor) -> Tensor:
+    """Virtual rows ``[B, H, Nv, F]`` -> ``[B, H, N, s_max, F]``, one slot per selection of each query."""
+    B, H, N, S = slots.shape
+    Nv, F = xv.shape[2:]
+    flat = (torch.arange(B * H)[:, None] * Nv + slots.view(B * H, -1)).view(-1)
+    return xv.reshape(B * H * Nv, F).index_select(0, flat).view(B, H, N, S, F)
+
+
+def _merge_rows(out_v: Tensor, lse_v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-sum-exp merge of the virtual rows of each query: ``(out [B, H, N, Dv], lse [B, H, N])``."""
+    lse_s = _per_query(lse_v[..., None], slots)[..., 0]  # (B, H, N, s_max)
+    lse = torch.logsumexp(lse_s, -1)  # (B, H, N); -inf where nothing was selected
+    w = torch.exp(lse_s - lse.masked_fill(torch.isinf(lse), 0)[..., None])  # (B, H, N, s_max)
+    out = (_per_query(out_v, slots) * w[..., None]).sum(-2)  # (B, H, N, Dv)
+    return out, lse
