@@ -284,12 +284,22 @@ def blocksparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | No
     return _run_one(q, k, v, pattern, scale, tile_q, tile_kv, head=None)
 
 
+def take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[:, :, index]`` for ``x`` ``[B, H, N, F]`` (or ``[B, H, N]``) and ``index`` ``[N']`` (shared) or
+    ``[B * H, N']`` (per head): one flat ``index_select`` over rows, about twice as fast as indexing dim 2."""
+    B, H, N = x.shape[:3]
+    F = x.shape[3] if x.dim() == 4 else 1
+    flat = torch.arange(B * H, device=x.device)[:, None] * N + index  # (B * H, N')
+    rows = x.reshape(B * H * N, F).index_select(0, flat.reshape(-1))
+    return rows.view(*x.shape[:2], index.shape[-1], *x.shape[3:])
+
+
 def _run_one(q, k, v, pattern, scale, tile_q, tile_kv, head):
     plan = make_plan(pattern, q.shape[2], k.shape[2], tile_q, tile_kv, head, q.device)
     s = plan.schedule
-    qp = q if s.q_perm is None else q.index_select(2, s.q_perm)  # (B, H, N, D) permuted
-    kp = k if s.kv_perm is None else k.index_select(2, s.kv_perm)
-    vp = v if s.kv_perm is None else v.index_select(2, s.kv_perm)
+    qp = q if s.q_perm is None else take_rows(q, s.q_perm)  # (B, H, N, D) permuted
+    kp = k if s.kv_perm is None else take_rows(k, s.kv_perm)
+    vp = v if s.kv_perm is None else take_rows(v, s.kv_perm)
     if _use_kernel(q):
         dtype = q.dtype
         if dtype not in (torch.float32, torch.float64):
@@ -299,6 +309,6 @@ def _run_one(q, k, v, pattern, scale, tile_q, tile_kv, head):
     else:
         out, lse = blocksparse_torch(qp, kp, vp, plan, scale)
     if plan.q_inv is not None:
-        out = out.index_select(2, plan.q_inv)
-        lse = lse.index_select(2, plan.q_inv)
+        out = take_rows(out, plan.q_inv)
+        lse = take_rows(lse, plan.q_inv)
     return out, lse

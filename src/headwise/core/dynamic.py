@@ -30,7 +30,8 @@ import math
 import torch
 from torch import Tensor
 
-from headwise.core.checks import check_qkv, default_scale, lse_dtype
+from headwise.core.blocksparse import extension, take_rows
+from headwise.core.checks import check_qkv, default_scale
 from headwise.core.reference import masked_attention
 from headwise.patterns.base import Causal, Pattern
 
@@ -128,8 +129,6 @@ def block_select_attention(q: Tensor, k: Tensor, v: Tensor, kv_blocks: Tensor, *
 
 
 def _kernel_applies(q: Tensor, pattern: Pattern | None) -> bool:
-    from headwise.core.blocksparse import extension
-
     return (q.device.type == "cpu" and (pattern is None or type(pattern) is Causal)
             and extension() is not None)
 
@@ -295,11 +294,9 @@ class _Schedule:
 class _GroupedKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sched: _Schedule, kv_bounds, scale):
-        from headwise.core.blocksparse import extension
-
         B, H, N, D = q.shape
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        qv = q if sched.vq is None else _gather_rows(q, sched.vq)  # (B, H, Nv, D)
+        qv = q if sched.vq is None else take_rows(q, sched.vq)  # (B, H, Nv, D)
         out_v, lse_v = extension().forward_grouped(qv, k, v, sched.q_bounds, kv_bounds, sched.kv_tiles,
                                                    sched.part_idx, sched.part_mask, sched.rb, scale)
         out, lse = (out_v, lse_v) if sched.vq is None else _merge_rows(out_v, lse_v, sched.slots)
@@ -309,8 +306,6 @@ class _GroupedKernel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        from headwise.core.blocksparse import extension
-
         q, k, v, out, lse = ctx.saved_tensors
         s = ctx.sched
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
@@ -320,8 +315,8 @@ class _GroupedKernel(torch.autograd.Function):
         lse_safe = lse.masked_fill(torch.isinf(lse), -1e30)
         qv, dout_v, lse_v, delta_v = q, dout, lse_safe, delta
         if s.vq is not None:
-            qv, dout_v = _gather_rows(q, s.vq), _gather_rows(dout, s.vq)
-            lse_v, delta_v = _gather_rows(lse_safe[..., None], s.vq)[..., 0], _gather_rows(delta[..., None], s.vq)[..., 0]
+            qv, dout_v = take_rows(q, s.vq), take_rows(dout, s.vq)
+            lse_v, delta_v = take_rows(lse_safe, s.vq), take_rows(delta, s.vq)
         dqv, dk, dv = extension().backward_grouped(qv, k, v, dout_v.contiguous(), lse_v.contiguous(),
                                                    delta_v.contiguous(), s.q_bounds, ctx.kv_bounds, s.kv_tiles,
                                                    s.part_idx, s.part_mask, s.rb, ctx.scale)
@@ -329,24 +324,15 @@ class _GroupedKernel(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _gather_rows(x: Tensor, vq: Tensor) -> Tensor:
-    """``x`` ``[B, H, N, F]`` -> ``[B, H, Nv, F]`` at the virtual rows' queries (``vq`` ``[B * H, Nv]``)."""
-    B, H, N, F = x.shape
-    flat = (torch.arange(B * H)[:, None] * N + vq).view(-1)
-    return x.reshape(B * H * N, F).index_select(0, flat).view(B, H, -1, F)
-
-
 def _per_query(xv: Tensor, slots: Tensor) -> Tensor:
     """Virtual rows ``[B, H, Nv, F]`` -> ``[B, H, N, s_max, F]``, one slot per selection of each query."""
     B, H, N, S = slots.shape
-    Nv, F = xv.shape[2:]
-    flat = (torch.arange(B * H)[:, None] * Nv + slots.view(B * H, -1)).view(-1)
-    return xv.reshape(B * H * Nv, F).index_select(0, flat).view(B, H, N, S, F)
+    return take_rows(xv, slots.view(B * H, N * S)).unflatten(2, (N, S))
 
 
 def _merge_rows(out_v: Tensor, lse_v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
     """Log-sum-exp merge of the virtual rows of each query: ``(out [B, H, N, Dv], lse [B, H, N])``."""
-    lse_s = _per_query(lse_v[..., None], slots)[..., 0]  # (B, H, N, s_max)
+    lse_s = _per_query(lse_v, slots)  # (B, H, N, s_max)
     lse = torch.logsumexp(lse_s, -1)  # (B, H, N); -inf where nothing was selected
     w = torch.exp(lse_s - lse.masked_fill(torch.isinf(lse), 0)[..., None])  # (B, H, N, s_max)
     out = (_per_query(out_v, slots) * w[..., None]).sum(-2)  # (B, H, N, Dv)
