@@ -1,5 +1,5 @@
-"""Structured patterns (MaxViT, HaloNet, Radial, S2-Attention, region / isolation): exact schedules, the engine
-against the reference, the papers' structural claims, and errors."""
+"""Structured patterns (MaxViT, HaloNet, TiC's conv windows and cyclic shift, Radial, S2-Attention, region /
+isolation): exact schedules, the engine against the reference, the papers' structural claims, and errors."""
 
 import math
 
@@ -22,6 +22,7 @@ from headwise.patterns import (
     Segments,
     from_spec,
 )
+from headwise.patterns.structured import CyclicShift, directional_shifts
 
 from .conftest import check_schedule_exact
 
@@ -80,7 +81,16 @@ def radials(draw):
 def shards(draw):
     heads = draw(st.integers(1, 5))
     return S2Shards(heads, draw(st.integers(1, 3)), draw(st.integers(1, 6)), block=draw(st.integers(1, 9)),
-                    causal=draw(st.booleans()), dense_heads=draw(st.integers(0, heads)))
+                    causal=draw(st.booleans()), dense_heads=draw(st.integers(0, heads)),
+                    vertical=draw(st.sampled_from(["absolute", "relative"])), homo_head=draw(st.booleans()))
+
+
+@st.composite
+def cyclic_shifts(draw):
+    base = draw(conv_windows())
+    groups = draw(st.integers(1, 3))
+    shifts = tuple(tuple(draw(st.integers(-2 * g, 2 * g)) for g in base.grid) for _ in range(groups))
+    return CyclicShift(base, shifts, heads=groups * draw(st.integers(1, 2)))
 
 
 @st.composite
@@ -109,6 +119,12 @@ def test_halo_schedule_is_exact(p, tiles):
 @given(p=conv_windows(), tiles=TILES)
 def test_conv_window_schedule_is_exact(p, tiles):
     _check_pattern(p, tiles)
+
+
+@HYPOTHESIS
+@given(p=cyclic_shifts(), tiles=TILES)
+def test_cyclic_shift_schedule_is_exact(p, tiles):
+    _check_pattern(p, tiles, heads=range(p.heads) if p.heads else (None,))
 
 
 @HYPOTHESIS
@@ -171,6 +187,15 @@ def test_conv_window_is_the_cropped_dilated_receptive_field():
     assert _keys(ConvWindow((4,), 9), 0) == [0, 1, 2, 3]  # a kernel larger than the grid sees all of it
 
 
+def test_cyclic_shift_windows_wrap_around_the_border():
+    p = CyclicShift(ConvWindow((8,), 3), (1,))  # token t sits at (t + 1) % 8 on the rolled grid
+    assert p.heads is None
+    assert _keys(p, 0) == [0, 1, 7]  # the window of token 0 wraps to the far border
+    assert _keys(p, 6) == [5, 6]  # token 6 sits at the rolled border: its window is cropped there
+    multi = CyclicShift(ConvWindow((8,), 3), ((1,), (-1,)), heads=2)
+    assert _keys_h(multi, 7, 0, n=8) == [0, 7] and _keys_h(multi, 7, 1, n=8) == [0, 6, 7]  # +1: 7 sits at the rolled border 0; -1: its window wraps to 0
+
+
 def test_radial_window_halves_per_band():
     p = Radial(frames=9, tokens_per_frame=16, window=8)
     q = 4 * 16 + 8  # frame 4, position 8
@@ -184,9 +209,47 @@ def test_radial_window_halves_per_band():
 
 
 def test_s2_head_offsets_follow_dkernel():
-    p = S2Shards(heads=4, local_blocks=1, vertical_stride=4, block=1, causal=False)
+    p = S2Shards(heads=4, local_blocks=1, vertical_stride=4, block=1, causal=False, vertical="absolute")
     for h in range(4):  # vertical key blocks of head h: (j + h + 1) % 4 == 0
         assert _keys_h(p, 0, h) == sorted({0} | {j for j in range(16) if (j + h + 1) % 4 == 0})
+
+
+def _dkernel_relative(heads, n_blocks, local, stride, causal, dense_heads):
+    """DKernel's ``get_sparse_attn_mask`` relative branch, transcribed (block level, every sparse head alike)."""
+    q = torch.arange(n_blocks)[:, None]
+    k = torch.arange(n_blocks)[None, :]
+    left, right = (local, 1) if causal else (local, local)
+    lm = q - k - left + 1
+    lm = lm * (lm > 0)
+    rm = k - q - right + 1
+    rm = rm * (rm > 0)
+    sparse = (lm + rm) % stride == 0
+    m = torch.stack([sparse if h < heads - dense_heads else torch.ones_like(sparse) for h in range(heads)])
+    return m & (q >= k) if causal else m
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("local,stride,dense", [(1, 3, 0), (2, 4, 1), (3, 2, 2)], ids=["L1-s3", "L2-s4-d1", "L3-s2-d2"])
+def test_s2_relative_homo_head_is_dkernels_relative_form(local, stride, dense, causal):
+    p = S2Shards(4, local, stride, block=1, causal=causal, dense_heads=dense, vertical="relative", homo_head=True)
+    assert torch.equal(p.dense_mask(23, 23), _dkernel_relative(4, 23, local, stride, causal, dense))
+
+
+def test_s2_vertical_auto_is_dkernels_default():
+    assert S2Shards(4, 1, 4, causal=True).vertical == "absolute"
+    assert S2Shards(4, 1, 4, causal=False).vertical == "relative"
+    assert S2Shards(4, 1, 4, causal=False) == S2Shards(4, 1, 4, causal=False, vertical="relative")
+
+
+def test_s2_relative_form_is_shift_invariant_and_offset_per_head():
+    p = S2Shards(4, local_blocks=2, vertical_stride=4, block=1, causal=False)  # relative by default
+    m = p.dense_mask(40, 40)
+    for h in range(4):  # the pattern depends on q - k only (away from the borders)
+        assert torch.equal(m[h, 20, 10:31], m[h, 25, 15:36])
+    # query 20: keys 19..21 local; past the window (excess e = |d| - 1), head h keeps (e + h) % 4 == 0
+    for h in range(4):
+        keys = {k for k in range(40) if abs(20 - k) < 2 or (abs(20 - k) - 1 + h) % 4 == 0}
+        assert _keys_h(p, 20, h, n=40) == sorted(keys)
 
 
 def _keys_h(p, q, h, n=16):
@@ -219,20 +282,33 @@ def test_maxvit_two_steps_need_window_at_least_the_cell():
     assert not ((block @ grid_) > 0).all()
 
 
+@pytest.mark.parametrize("vertical", ["absolute", "relative"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("heads,stride", [(4, 4), (8, 4), (5, 3)], ids=["H4-s4", "H8-s4", "H5-s3"])
-def test_s2_union_over_heads_covers_the_context(heads, stride, causal):
+def test_s2_union_over_heads_covers_the_context(heads, stride, causal, vertical):
     n = 157
-    p = S2Shards(heads, local_blocks=1, vertical_stride=stride, block=4, causal=causal)
+    p = S2Shards(heads, local_blocks=1, vertical_stride=stride, block=4, causal=causal, vertical=vertical)
     union = p.dense_mask(n, n).any(0)
     full = torch.ones(n, n, dtype=torch.bool)
     assert torch.equal(union, full.tril() if causal else full)
     assert p.density(n, n) < 0.5  # while every head alone stays sparse
 
 
-def test_s2_union_has_holes_with_fewer_heads_than_stride():
-    p = S2Shards(2, local_blocks=1, vertical_stride=4, block=4)
+@pytest.mark.parametrize("vertical", ["absolute", "relative"])
+def test_s2_union_has_holes_with_fewer_heads_than_stride_or_homogeneous_heads(vertical):
+    p = S2Shards(2, local_blocks=1, vertical_stride=4, block=4, vertical=vertical)
     assert not torch.equal(p.dense_mask(64, 64).any(0), torch.ones(64, 64, dtype=torch.bool).tril())
+    homo = S2Shards(4, local_blocks=1, vertical_stride=4, block=4, vertical=vertical, homo_head=True)
+    m = homo.dense_mask(64, 64)
+    assert torch.equal(m.any(0), m[0]) and not torch.equal(m[0], torch.ones(64, 64, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("vertical", ["absolute", "relative"])
+def test_s2_a_few_dense_heads_are_dense_the_rest_sparse(vertical):
+    p = S2Shards(6, local_blocks=1, vertical_stride=16, block=4, causal=False, dense_heads=2, vertical=vertical)
+    m = p.dense_mask(90, 90)
+    assert m[4:].all() and not m[:4].all((1, 2)).any()  # the last two heads see everything, the others do not
+    assert m.any(0).all()  # so the union covers the context even though 6 heads < stride 16
 
 
 def test_s2_dense_heads_are_causal_dense():
@@ -267,6 +343,9 @@ ENGINE_CASES = {
     "radial-9x13-w3": Radial(9, 13, window=3),
     "s2-causal-H3": S2Shards(3, 2, 3, block=16, dense_heads=1),
     "s2-bidir-H2": S2Shards(2, 1, 2, block=24, causal=False),
+    "s2-bidir-absolute-H3": S2Shards(3, 1, 4, block=10, causal=False, vertical="absolute", dense_heads=1),
+    "s2-causal-relative-H2": S2Shards(2, 2, 3, block=7, vertical="relative"),
+    "cyclic-shift-9x11": CyclicShift(ConvWindow((9, 11), 3, dilation=(2, 1)), directional_shifts(2, 3), heads=4),
     "region": RegionAttention(torch.arange(63 * 8).reshape(21, 24) % 5),
     "isolation": Isolation(torch.arange(501) % 7 // 2, background_label=1),
 }
@@ -275,7 +354,7 @@ ENGINE_CASES = {
 @pytest.mark.parametrize("case", list(ENGINE_CASES))
 def test_engine_matches_reference_float64(case):
     p = ENGINE_CASES[case]
-    n = _n(p) if not isinstance(p, S2Shards) else 157
+    n = 157 if isinstance(p, S2Shards) else p.n if isinstance(p, CyclicShift) else _n(p)
     H = p.heads or 2
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, H, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -319,12 +398,19 @@ def test_distinct_halos_are_distinct_plan_keys():
     (lambda: S2Shards(4, 0, 4), "local_blocks"),
     (lambda: S2Shards(4, 1, 0), "vertical_stride"),
     (lambda: S2Shards(4, 1, 4, dense_heads=5), "dense_heads"),
+    (lambda: S2Shards(4, 1, 4, vertical="diagonal"), "vertical"),
+    (lambda: S2Shards(4, 1, 4, homo_head=1), "homo_head"),
+    (lambda: CyclicShift(ConvWindow((8, 8), 3), ((1, 1), (2, 2)), heads=3), "heads"),
+    (lambda: CyclicShift(ConvWindow((8, 8), 3), ((1, 1, 1),)), "shift"),
+    (lambda: CyclicShift(S2Shards(2, 1, 2), (1,)), "grid"),
+    (lambda: directional_shifts(2, 0), "amount"),
     (lambda: Isolation([[0.5, 1.0]]), "subject_labels"),
     (lambda: Isolation([0, 1], background_label="bg"), "background_label"),
     (lambda: RegionAttention([]), "labels"),
 ], ids=["maxvit-block-divides", "maxvit-grid-divides", "grid-4d", "halo-block", "halo-negative", "conv-even",
         "conv-dilation", "radial-frames",
-        "radial-window", "s2-local", "s2-stride", "s2-dense", "isolation-float", "isolation-bg", "region-empty"])
+        "radial-window", "s2-local", "s2-stride", "s2-dense", "s2-vertical", "s2-homo", "shift-groups",
+        "shift-length", "shift-needs-grid", "shift-amount", "isolation-float", "isolation-bg", "region-empty"])
 def test_bad_arguments_raise_naming_them(make, needle):
     with pytest.raises(ValueError, match=needle):
         make()

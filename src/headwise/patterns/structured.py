@@ -10,6 +10,7 @@ block-diagonal; the label patterns permute tokens by label.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -27,7 +28,8 @@ from headwise.patterns.base import (
 from headwise.patterns.neighborhood import Neighborhood, _per_dim
 from headwise.patterns.segments import Segments, _as_vector, _brief
 
-__all__ = ["MaxViTBlock", "MaxViTGrid", "Halo", "ConvWindow", "Radial", "S2Shards", "RegionAttention", "Isolation"]
+__all__ = ["MaxViTBlock", "MaxViTGrid", "Halo", "ConvWindow", "CyclicShift", "directional_shifts", "Radial", "S2Shards",
+           "RegionAttention", "Isolation"]
 
 
 def _is_int(v) -> bool:
@@ -172,7 +174,8 @@ class ConvWindow(Neighborhood):
     covered; the depthwise form shares this window across channel groups (heads), so it is the same pattern.
     The schedule is :class:`Neighborhood`'s (dilation groups made contiguous by token permutation).
 
-    Not here (module-level, not a pattern): TiC's multi-directional cyclic shift and inter-pooling.
+    TiC's multi-directional cyclic shift is :class:`CyclicShift` around this pattern; its inter-pooling is in the
+    ``msa_conv`` module (:class:`headwise.variants.structured.MSAConv`).
     """
 
     def __init__(self, grid, kernel_size, dilation=1):
@@ -205,6 +208,117 @@ class ConvWindow(Neighborhood):
 
     def __hash__(self):
         return hash(("ConvWindow", self.grid, self.conv_kernel, self.dilation))
+
+
+def directional_shifts(ndim: int, amount: int) -> tuple[tuple[int, ...], ...]:
+    """The ``2 * ndim`` shift vectors ``+amount`` and ``-amount`` along each grid dim, in that order (for 2-D:
+    down, up, right, left): the multi-directional shifts of :class:`CyclicShift`, one per head group."""
+    _positive_int("ndim", ndim)
+    _positive_int("amount", amount)
+    return tuple(tuple(sign * amount * (d == i) for d in range(ndim)) for i in range(ndim) for sign in (1, -1))
+
+
+@dataclass(frozen=True)
+class CyclicShift(Pattern):
+    """A grid pattern applied on a cyclically shifted feature map: the multi-directional cyclic shift of TiC
+    (Zhang et al., "TiC: Exploring Vision Transformer in Convolution", 2023) around :class:`ConvWindow`.
+
+    Head group ``g`` rolls the grid by the vector ``shifts[g]`` (``torch.roll`` semantics: the token at
+    coordinate ``c`` moves to ``(c + shifts[g]) mod grid``), attends with ``pattern`` there, and rolls the result
+    back. Attention is permutation-equivariant, so this is the pattern
+
+        ``mask_h(q, k) = pattern.mask(roll_g(q), roll_g(k))``,  ``g = h // (heads / len(shifts))``
+
+    on the original token order: tokens near one border see the tokens of the opposite border (the windows wrap
+    around the image), and each head group's seam lies elsewhere, so the heads together connect distant tokens.
+    ``shifts``: one shift vector (one int per grid dim) per head group, e.g. :func:`directional_shifts`; the
+    ``heads`` split into ``len(shifts)`` equal contiguous groups. With one shift vector the pattern is shared by
+    all heads (``heads`` is ignored); an all-zero shift is ``pattern`` itself.
+
+    Choice (the TiC paper's exact shift amounts and directions were not available to us): the shifts are the
+    caller's; rolling is per head group on q, k and v together, after the projections.
+
+    Tile schedule: ``pattern``'s schedule with its token permutation composed with the roll (exact, as tile
+    states depend only on which tokens share a tile). ``density`` is ``pattern``'s.
+    """
+
+    pattern: Pattern  # a grid pattern shared by all heads (e.g. ConvWindow)
+    shifts: tuple  # one shift vector (an int per grid dim) per head group; normalized modulo the grid
+    heads: int | None = None  # number of heads H (a multiple of the groups); None with a single shift vector
+
+    def __post_init__(self):
+        pattern, shifts, heads = self.pattern, self.shifts, self.heads
+        if not isinstance(pattern, Pattern) or not hasattr(pattern, "grid"):
+            raise ValueError(f"pattern must be a grid Pattern (with a .grid), got pattern={pattern!r}")
+        if pattern.heads is not None:
+            raise ValueError(f"pattern must be shared by all heads, got a head-specific pattern={pattern!r}")
+        grid = tuple(pattern.grid)
+        vectors = (shifts,) if _is_int(shifts) or (isinstance(shifts, (tuple, list)) and shifts
+                                                     and all(_is_int(v) for v in shifts)) else shifts
+        if (not isinstance(vectors, (tuple, list)) or not vectors
+                or not all(isinstance(v, (tuple, list, numbers.Integral)) for v in vectors)):
+            raise ValueError(f"shifts must be one shift vector or a sequence of them, got shifts={shifts!r}")
+        norm = []
+        for v in vectors:
+            v = (v,) * len(grid) if _is_int(v) and len(grid) == 1 else v
+            if _is_int(v) or len(v) != len(grid) or not all(_is_int(x) for x in v):
+                raise ValueError(f"each shift needs one int per grid dim ({len(grid)} for grid={grid}), "
+                                 f"got shifts={shifts!r}")
+            norm.append(tuple(int(x) % g for x, g in zip(v, grid)))
+        if len(norm) > 1:
+            if not _is_int(heads) or heads < 1 or heads % len(norm):
+                raise ValueError(f"heads must be a positive multiple of the {len(norm)} shift groups, got {heads=}")
+        else:
+            heads = None
+        object.__setattr__(self, "shifts", tuple(norm))
+        object.__setattr__(self, "heads", heads)
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "_table", torch.tensor(self.shifts, dtype=torch.long))  # (G, ndim)
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.grid)
+
+    def roll(self, idx: Tensor, head=None) -> Tensor:
+        """Flat token ids after the roll of ``head``'s group (broadcasting; ``head`` may be a tensor)."""
+        if self.heads is None:
+            shift = self.shifts[0]
+        else:
+            if head is None:
+                raise ValueError("CyclicShift with several shift groups is head-specific: pass head=")
+            if isinstance(head, int) and not 0 <= head < self.heads:
+                raise ValueError(f"{head=} out of range for CyclicShift with heads={self.heads}")
+            group = head // (self.heads // len(self.shifts))
+            table = self._table.to(idx.device)
+            shift = [table[group, d] if isinstance(group, Tensor) else self.shifts[group][d]
+                     for d in range(len(self.grid))]
+        out, place, rest = torch.zeros_like(idx), 1, idx
+        for d in reversed(range(len(self.grid))):  # row-major: the last dim varies fastest
+            g = self.grid[d]
+            out = out + ((rest % g + shift[d]) % g) * place
+            rest, place = rest // g, place * g
+        return out
+
+    def mask(self, q_idx, kv_idx, head=None):
+        return self.pattern.mask(self.roll(q_idx, head), self.roll(kv_idx, head))
+
+    def check(self, n_q, n_kv):
+        self.pattern.check(n_q, n_kv)
+
+    def density(self, n_q, n_kv):
+        return self.pattern.density(n_q, n_kv)
+
+    def tile_schedule(self, n_q, n_kv, tile_q=64, tile_kv=64, head=None) -> TileSchedule:
+        self.check(n_q, n_kv)
+        s = self.pattern.tile_schedule(n_q, n_kv, tile_q, tile_kv)
+        ids = torch.arange(n_q)
+        forward = self.roll(ids, head)  # original token -> its position on the rolled grid
+        if torch.equal(forward, ids):
+            return s
+        unroll = torch.argsort(forward)  # rolled position -> original token
+        q_perm = unroll if s.q_perm is None else unroll[s.q_perm]
+        kv_perm = unroll if s.kv_perm is None else unroll[s.kv_perm]
+        return TileSchedule(s.n_q, s.n_kv, s.q_bounds, s.kv_bounds, s.kv_tiles, s.full, q_perm, kv_perm)
 
 
 # ---- Radial attention ---------------------------------------------------------------------------------------
@@ -313,23 +427,36 @@ class Radial(Pattern):
 
 
 # ---- S2-Attention -------------------------------------------------------------------------------------------
+_VERTICAL = ("auto", "absolute", "relative")
+
+
 @dataclass(frozen=True)
 class S2Shards(Pattern):
     """Heterogeneous context sharding among heads (Lin et al., "S2-Attention: Hardware-Aware Context Sharding
     Among Attention Heads", 2024), a head-specific pattern (``heads = H``).
 
     Tokens are cut into blocks of ``block``; with query block ``i = q // block``, key block ``j = k // block``,
-    head ``h`` and ``step = max(1, vertical_stride // heads)``, head ``h`` attends block ``j`` iff
+    head ``h``, ``s = vertical_stride``, ``step = max(1, s // heads)`` (DKernel's ``head_sliding_step``) and
+    ``o_h = h * step`` (``0`` for every head when ``homo_head``), head ``h`` attends block ``j`` iff
 
     * local: ``0 <= i - j < local_blocks`` (causal) or ``|i - j| < local_blocks`` (non-causal), or
-    * vertical: ``(j + h * step + 1) % vertical_stride == 0`` (strided key blocks, offset by head), or
-    * ``h`` is one of the last ``dense_heads`` heads (dense, as the paper's hybrid dense layers/heads),
+    * vertical, ``"absolute"`` form: ``(j + o_h + 1) % s == 0``: every ``s``-th key block counted from the start
+      of the sequence, at a head-dependent offset (the same key blocks for every query: KV-cache friendly), or
+    * vertical, ``"relative"`` form: ``(e + o_h) % s == 0`` with ``e`` the distance of ``j`` past the local
+      window, ``e = max(0, i - j - L + 1) + max(0, j - i - R + 1)`` (``L = local_blocks``; ``R = local_blocks``
+      non-causal, ``R = 1`` causal): every ``s``-th key block counted outward from the query's local window,
+      on both sides (so the pattern is shift-invariant along the sequence), or
+    * ``h`` is one of the last ``dense_heads`` heads (dense, the paper's hybrid dense/sparse heads),
 
-    and, when ``causal``, element-wise ``k <= q``. The vertical offset is the reference DKernel's
-    (``head_sliding_step``). With ``heads >= vertical_stride`` the vertical blocks of the heads together cover
-    every key block, so the union over heads is the full (causal) context.
+    and, when ``causal``, element-wise ``k <= q``. ``vertical="auto"`` (default) is DKernel's default: absolute
+    when causal (to save KV cache), relative when not (``vert_position_type`` in DKernel's
+    ``get_sparse_attn_mask``). With ``heads >= vertical_stride`` and ``homo_head=False`` the heads' vertical
+    blocks together cover every key block in both forms, so the union over heads is the full (causal) context.
 
-    Choice: the non-causal form keeps the same absolute vertical blocks (any key block, before or after the query).
+    Choices: the absolute offset ``+ 1`` is the Phi-3-small / vLLM form (DKernel's ``head_sliding_offset=1``).
+    DKernel's relative form uses no head offset (every sparse head alike, ``homo_head=True`` here); the default
+    ``homo_head=False`` offsets the relative stride by ``o_h`` per head as in the absolute form, so that the heads
+    shard the context (the paper's principle) in the non-causal form too; head 0 is DKernel's pattern exactly.
     ``n_q == n_kv`` (self-attention, top-left aligned).
 
     Tile schedule (per head): tiles never straddle a block (each block split into equal chunks of at most
@@ -342,6 +469,8 @@ class S2Shards(Pattern):
     block: int = 64  # tokens per block
     causal: bool = True  # keep only keys k <= q
     dense_heads: int = 0  # the last dense_heads heads attend densely
+    vertical: str = "auto"  # "absolute", "relative", or "auto": absolute when causal, relative otherwise
+    homo_head: bool = False  # True: every sparse head uses head 0's vertical blocks (no per-head offset)
 
     def __post_init__(self):
         _positive_int("heads", self.heads)
@@ -353,6 +482,12 @@ class S2Shards(Pattern):
         if not _is_int(self.dense_heads) or not 0 <= self.dense_heads <= self.heads:
             raise ValueError(f"dense_heads must be an int in [0, heads={self.heads}], "
                              f"got dense_heads={self.dense_heads!r}")
+        if self.vertical not in _VERTICAL:
+            raise ValueError(f"vertical must be one of {_VERTICAL}, got vertical={self.vertical!r}")
+        if self.vertical == "auto":
+            object.__setattr__(self, "vertical", "absolute" if self.causal else "relative")
+        if not isinstance(self.homo_head, bool):
+            raise ValueError(f"homo_head must be a bool, got homo_head={self.homo_head!r}")
 
     @property
     def step(self) -> int:
@@ -370,8 +505,14 @@ class S2Shards(Pattern):
         """Which key blocks ``kb`` query blocks ``qb`` attend at ``head`` (broadcasting)."""
         head = self._head(head)
         rel = qb - kb
-        local = ((rel >= 0) & (rel < self.local_blocks)) if self.causal else (rel.abs() < self.local_blocks)
-        vertical = (kb + head * self.step + 1) % self.vertical_stride == 0
+        left, right = self.local_blocks, 1 if self.causal else self.local_blocks
+        local = (rel < left) & (-rel < right)
+        offset = 0 if self.homo_head else head * self.step
+        if self.vertical == "absolute":
+            vertical = (kb + offset + 1) % self.vertical_stride == 0
+        else:
+            excess = (rel - left + 1).clamp(min=0) + (-rel - right + 1).clamp(min=0)  # blocks past the window
+            vertical = (excess + offset) % self.vertical_stride == 0
         dense = head >= self.heads - self.dense_heads
         if self.causal:
             vertical = vertical & (kb <= qb)

@@ -1,0 +1,115 @@
+"""class_semantic (CSA) against a float64 computation written out per time step, its degenerate identity case,
+gradients to every parameter, and errors."""
+
+import pytest
+import torch
+
+import headwise
+from headwise.variants.semantic import ClassSemanticAttention
+
+F64 = torch.float64
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def naive_csa(m, x, r):
+    """The CSA equations with explicit loops over time steps and kernel taps (zero padding outside [0, T))."""
+    B, T, _ = x.shape
+    w, b = m.local.weight, m.local.bias  # (h, S, k), (h,)
+    k = w.shape[-1]
+    u = []
+    for t in range(T):
+        acc = b.expand(B, -1).clone()  # (B, h)
+        for j in range(k):
+            s = t + j - k // 2
+            if 0 <= s < T:
+                acc = acc + r[:, s] @ w[:, :, j].T
+        u.append(torch.relu(acc))
+    u = torch.stack(u, 1)  # (B, T, h)
+    a_ch = torch.sigmoid(u.mean(1) @ m.channel_gate.weight.T + m.channel_gate.bias)  # (B, C)
+    out = []
+    for t in range(T):
+        a_t = torch.sigmoid(u[:, t] @ m.temporal_gate.weight.T + m.temporal_gate.bias)  # (B, 1)
+        out.append(a_ch * x[:, t] + a_t * x[:, t])
+    return torch.stack(out, 1)  # (B, T, C)
+
+
+@pytest.mark.parametrize("B,T,C,S,k", [(2, 1, 8, 8, 3), (1, 63, 12, 5, 5), (3, 17, 4, 9, 1)],
+                         ids=["B2-T1-C8-S8-k3", "B1-T63-C12-S5-k5", "B3-T17-C4-S9-k1"])
+def test_matches_naive_forward_and_backward(B, T, C, S, k):
+    torch.manual_seed(0)
+    m = ClassSemanticAttention(C, semantic_dim=S, hidden=6, kernel_size=k).double()
+    x = rand(B, T, C, seed=1).requires_grad_()
+    r = rand(B, T, S, seed=2).requires_grad_()
+    out, ref = m(x, r), naive_csa(m, x, r)
+    assert out.shape == (B, T, C)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    g = rand(B, T, C, seed=3)
+    params = [x, r, *m.parameters()]
+    for a, b in zip(torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((ref * g).sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(1)
+    m = ClassSemanticAttention(8, semantic_dim=4).double()
+    out = m(rand(2, 9, 8, seed=4), rand(2, 9, 4, seed=5))
+    params = dict(m.named_parameters())
+    grads = torch.autograd.grad((out * rand(*out.shape, seed=6)).sum(), list(params.values()))
+    for (name, _), g in zip(params.items(), grads):
+        assert torch.isfinite(g).all() and g.abs().max() > 0, name
+
+
+def test_zero_gates_are_the_identity():
+    m = ClassSemanticAttention(6, semantic_dim=3).double()
+    with torch.no_grad():
+        for lin in (m.channel_gate, m.temporal_gate):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    x = rand(2, 11, 6, seed=7)
+    assert torch.equal(m(x, rand(2, 11, 3, seed=8)), x)  # both gates are exactly 1/2
+
+
+def test_scores_come_from_the_semantics_not_the_features():
+    torch.manual_seed(2)
+    m = ClassSemanticAttention(6, semantic_dim=3).double()
+    r = rand(1, 7, 3, seed=9)
+    x1, x2 = rand(1, 7, 6, seed=10), rand(1, 7, 6, seed=11)
+    channel, temporal = m.scores(r)
+    assert channel.shape == (1, 1, 6) and temporal.shape == (1, 7, 1)
+    assert ((channel > 0) & (channel < 1)).all() and ((temporal > 0) & (temporal < 1)).all()
+    torch.testing.assert_close(m(x1, r) / x1, m(x2, r) / x2)  # the same gates multiply any features
+
+
+def test_self_gating_and_spec():
+    m = headwise.create("class_semantic(kernel_size=5)", dim=16)
+    assert (m.config.semantic_dim, m.config.hidden) == (16, 4)
+    x = torch.randn(2, 10, 16)
+    torch.testing.assert_close(m(x), m(x, x))
+
+
+@pytest.mark.parametrize("make,error,needle", [
+    (lambda: ClassSemanticAttention(0), ValueError, "dim"),
+    (lambda: ClassSemanticAttention(8, kernel_size=4), ValueError, "kernel_size"),
+    (lambda: ClassSemanticAttention(8, hidden=0), ValueError, "hidden"),
+    (lambda: ClassSemanticAttention(8, semantic_dim=True), TypeError, "semantic_dim"),
+], ids=["dim", "even-kernel", "hidden", "semantic-bool"])
+def test_bad_config_raises(make, error, needle):
+    with pytest.raises(error, match=needle):
+        make()
+
+
+def test_bad_inputs_raise():
+    m = ClassSemanticAttention(8, semantic_dim=4)
+    with pytest.raises(ValueError, match="semantics is required"):
+        m(torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="semantics"):
+        m(torch.randn(1, 5, 8), torch.randn(1, 6, 4))
+    with pytest.raises(ValueError, match="T >= 1"):
+        m(torch.randn(1, 0, 8), torch.randn(1, 0, 4))
+    with pytest.raises(ValueError, match="x must be"):
+        m(torch.randn(1, 5, 7), torch.randn(1, 5, 4))
+    with pytest.raises(TypeError, match="semantics"):
+        m(torch.randn(1, 5, 8), [[0.0]])
