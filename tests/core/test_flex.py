@@ -22,3 +22,11 @@ def test_compiled_flex_declines_lse_on_cpu(monkeypatch):
     q = k = v = torch.randn(1, 2, 64, 16)
     with torch.no_grad(), pytest.raises(ValueError, match="cannot run"):
         attention(q, k, v, Causal(), backend="flex", return_lse=True)
+
+
+def test_compiled_flex_declines_short_sequences_on_cpu(monkeypatch):
+    """torch 2.13's compiled CPU Flex gave wrong rows at N = 24 / 40 (see core/flex.py): declined, with a clear error."""
+    monkeypatch.delenv("HEADWISE_FLEX_EAGER", raising=False)
+    q = k = v = torch.randn(1, 2, 40, 16)
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot run"):
+        attention(q, k, v, Neighborhood((40,), 5), backend="flex")
