@@ -234,46 +234,43 @@ def _row_major(kv_blocks, row_mask, N, M, block_q, pieces, pattern):
     BH = B * H
     qpos = (torch.arange(n_qb)[:, None] * block_q + torch.arange(block_q)[None, :])  # (nQB, bq)
     use = row_mask & (qpos < N)[None, None, :, None, :]  # (B, H, nQB, S, bq)
-    use = use.reshape(BH, -1)
-    blk = kv_blocks[..., None].expand(B, H, n_qb, S, block_q).reshape(BH, -1)
-    qry = qpos[None, None, :, None, :].expand(B, H, n_qb, S, block_q).reshape(BH, -1)
-    n_kb = int(kv_blocks.max()) + 1 if kv_blocks.numel() else 0
-    n_kb = max(n_kb, 1)
-    counts = [int(c) for c in use.sum(1)]
-    Nv = max(counts) + 1  # the last virtual row of every group is padding: out 0, lse -inf
-    s_max = max(1, int(use.view(BH, n_qb, S, block_q).sum(2).max()))  # most blocks one query selected
+    rank = (use.cumsum(3) - 1).reshape(-1)  # k-th selection of its query (slots are ascending, deduped)
+    g, pos = use.reshape(BH, -1).nonzero(as_tuple=True)  # in (group, query block, slot, row) order
+    e = g * use[0, 0].numel() + pos  # flat entry index
+    qb, rest = pos // (S * block_q), pos % (S * block_q)
+    slot, r = rest // block_q, rest % block_q
+    blk = kv_blocks.reshape(BH, n_qb, S)[g, qb, slot]
+    qry = qb * block_q + r
+    n_kb = max(1, int(kv_blocks.max()) + 1)
+    # stable sort by (group, key block): inside one block the queries stay ascending
+    key = g * n_kb + blk
+    key, order = torch.sort(key, stable=True)
+    g, blk, qry, e = g[order], blk[order], qry[order], e[order]
+    counts = torch.bincount(g, minlength=BH)  # (BH,) virtual rows per group
+    start = torch.cumsum(counts, 0) - counts
+    vrow = torch.arange(g.numel()) - start[g]  # virtual row index inside its group
+    Nv = int(counts.max()) + 1 if g.numel() else 1  # the last row of every group is padding: out 0, lse -inf
+    s_max = max(1, int(rank.max()) + 1 if g.numel() else 1)  # most blocks one query selected
     vq = torch.zeros(BH, Nv, dtype=torch.long)  # query index of every virtual row
-    slots = torch.full((BH, N * s_max), Nv - 1, dtype=torch.long)  # (query, k-th selection) -> virtual row
+    vq[g, vrow] = qry
     row_bounds = torch.zeros(BH, Nv, 2, dtype=torch.long)  # padding rows see nothing
-    tile_lists, bound_lists = [], []
-    for g in range(BH):
-        sel = use[g].nonzero().squeeze(1)
-        b_g, q_g = blk[g, sel], qry[g, sel]
-        order = torch.argsort(b_g * (N + 1) + q_g)
-        b_g, q_g = b_g[order], q_g[order]
-        n = b_g.numel()
-        vq[g, :n] = q_g
-        by_q = torch.argsort(q_g, stable=True)
-        q_sorted = q_g[by_q]
-        rank = torch.arange(n) - torch.searchsorted(q_sorted, q_sorted)  # k-th selection of its query
-        slots[g, q_sorted * s_max + rank] = by_q
-        row_bounds[g, :n] = _row_bounds(q_g, M, pattern)
-        per_block = torch.bincount(b_g, minlength=n_kb)  # rows per key block
-        n_tiles = (per_block + _ROWS - 1) // _ROWS
-        tile_block = torch.repeat_interleave(torch.arange(n_kb), n_tiles)  # (nT,)
-        first = torch.cumsum(per_block, 0) - per_block  # first virtual row of each block
-        k_in = torch.arange(tile_block.numel()) - torch.repeat_interleave(torch.cumsum(n_tiles, 0) - n_tiles, n_tiles)
-        t_start = first[tile_block] + k_in * _ROWS
-        tile_lists.append(tile_block)
-        bound_lists.append(t_start)
-    nQT = max(1, max(t.numel() for t in tile_lists))
-    q_bounds = torch.full((BH, nQT + 1), 0, dtype=torch.long)
+    row_bounds[g, vrow] = _row_bounds(qry, M, pattern)
+    slots = torch.full((BH, N * s_max), Nv - 1, dtype=torch.long)  # (query, k-th selection) -> virtual row
+    slots[g, qry * s_max + rank[e]] = vrow
+    # tiles: the rows of one (group, key block) in runs of <= _ROWS
+    per_block = torch.bincount(key, minlength=BH * n_kb)  # (BH * nKB,)
+    n_tiles = (per_block + _ROWS - 1) // _ROWS
+    tile_gb = torch.repeat_interleave(torch.arange(BH * n_kb), n_tiles)  # (T,)
+    tile_g, tile_b = tile_gb // n_kb, tile_gb % n_kb
+    tiles_per_group = n_tiles.view(BH, n_kb).sum(1)
+    t_rank = torch.arange(tile_gb.numel()) - (torch.cumsum(tiles_per_group, 0) - tiles_per_group)[tile_g]
+    k_in = torch.arange(tile_gb.numel()) - (torch.cumsum(n_tiles, 0) - n_tiles)[tile_gb]
+    first = (torch.cumsum(per_block, 0) - per_block) - start.repeat_interleave(n_kb)  # first row of (g, b) in g
+    nQT = max(1, int(tiles_per_group.max()))
+    q_bounds = counts[:, None].expand(BH, nQT + 1).clone()  # after a group's last tile: empty padding tiles
+    q_bounds[tile_g, t_rank] = first[tile_gb] + k_in * _ROWS
     tiles = torch.full((BH, nQT, pieces), -1, dtype=torch.long)
-    for g, (tb, ts) in enumerate(zip(tile_lists, bound_lists)):
-        n = tb.numel()
-        q_bounds[g, :n] = ts
-        q_bounds[g, n:] = counts[g]  # end of the last tile, then empty padding tiles
-        tiles[g, :n] = tb[:, None] * pieces + torch.arange(pieces)
+    tiles[tile_g, t_rank] = tile_b[:, None] * pieces + torch.arange(pieces)
     return _Schedule(q_bounds, tiles, row_bounds, vq, N, slots.view(B, H, N, s_max))
 
 
