@@ -14,3 +14,14 @@ from headwise.variants.softmax import MultiHeadAttention
 __version__ = "0.1.0"
 
 __all__ = ["attention", "merge_attention", "patterns", "linear", "create", "available", "register", "MultiHeadAttention", "__version__"]
+
+_LAZY = ("inspect", "analysis", "arena", "distributed", "selection", "moa", "losses")  # heavier tool packages
+
+
+def __getattr__(name: str):
+    """``headwise.inspect``, ``headwise.arena``, ... import on first use (``import headwise`` stays light)."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"headwise.{name}")
+    raise AttributeError(f"module 'headwise' has no attribute {name!r}")
