@@ -223,3 +223,16 @@ def test_bad_input_shape_raises():
     m = SelectiveAttention(DIM, HEADS)
     with pytest.raises(ValueError, match="dim"):
         m(torch.randn(2, 5, DIM + 1))
+
+
+@pytest.mark.parametrize("spec", ["selective(topk=2, expert_topk=3, causal=True)", "selective(topk=4, causal=True)"])
+def test_selective_causal_does_not_see_the_future(spec):
+    """Changing tokens at and after t leaves every output before t unchanged (the prefix-pooled head gates)."""
+    torch.manual_seed(0)
+    m = headwise.create(spec, dim=DIM, heads=HEADS).double().eval()
+    x = _x(B=2, N=24).detach()
+    y = m(x)
+    for t in (1, 7, 23):
+        x2 = x.clone()
+        x2[:, t:] = torch.randn_like(x2[:, t:])
+        torch.testing.assert_close(m(x2)[:, :t], y[:, :t], rtol=0, atol=1e-12)

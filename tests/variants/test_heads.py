@@ -301,19 +301,21 @@ def naive_single_head(m: SingleHeadAttention, x):
     B, N, C = x.shape
     p, d = m.pdim, m.qk_dim
     x1, x2 = x[..., :p], x[..., p:]
-    mu = x1.mean((1, 2), keepdim=True)
-    var = x1.var((1, 2), unbiased=False, keepdim=True)
-    x1 = (x1 - mu) / torch.sqrt(var + m.pre_norm.eps) * m.pre_norm.weight + m.pre_norm.bias  # GroupNorm(1)
+    dims = (1, 2) if m.config.norm == "group" else (2,)  # GroupNorm(1): over the sequence; LayerNorm: per token
+    mu = x1.mean(dims, keepdim=True)
+    var = x1.var(dims, unbiased=False, keepdim=True)
+    x1 = (x1 - mu) / torch.sqrt(var + m.pre_norm.eps) * m.pre_norm.weight + m.pre_norm.bias
     qkv = x1 @ m.qkv.weight.T + m.qkv.bias
     q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
     o = naive_heads(q[:, None], k[:, None], v[:, None], m.pattern)[:, 0]
     return torch.relu(torch.cat([o, x2], -1)) @ m.proj.weight.T + m.proj.bias
 
 
-@pytest.mark.parametrize("partial, pattern", [(0.25, None), (1.0, Causal()), (0.3, None)], ids=["p0.25", "p1-causal", "p0.3"])
-def test_single_head_matches_naive(partial, pattern):
+@pytest.mark.parametrize("partial, pattern, norm", [(0.25, None, "group"), (1.0, Causal(), "layer"), (0.3, None, "layer")],
+                         ids=["p0.25", "p1-causal-layer", "p0.3-layer"])
+def test_single_head_matches_naive(partial, pattern, norm):
     torch.manual_seed(0)
-    m = SingleHeadAttention(40, partial=partial, qk_dim=8, pattern=pattern).to(F64)
+    m = SingleHeadAttention(40, partial=partial, qk_dim=8, pattern=pattern, norm=norm).to(F64)
     assert m.pdim == round(partial * 40)
     with torch.no_grad():
         m.pre_norm.weight.normal_(), m.pre_norm.bias.normal_()
@@ -383,6 +385,18 @@ def test_cascade_feeds_each_head_the_previous_output():
         m.proj.weight.copy_(torch.eye(32, dtype=F64)), m.proj.bias.zero_()
         d = (m(x) - m(y)).abs().amax(dim=(0, 1)).view(4, 8).amax(-1)  # per head
     assert (d > 1e-6).all()
+
+
+def test_single_head_causal_needs_per_token_norm():
+    with pytest.raises(ValueError, match="norm='layer'"):
+        SingleHeadAttention(40, pattern=Causal())
+    torch.manual_seed(0)
+    m = SingleHeadAttention(40, pattern=Causal(), norm="layer").to(F64)
+    x = torch.randn(2, 20, 40, dtype=F64)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 9:] = torch.randn_like(x2[:, 9:])
+    torch.testing.assert_close(m(x2)[:, :9], y[:, :9], rtol=0, atol=1e-12)
 
 
 def test_cascaded_one_group_is_single_head_attention():

@@ -365,8 +365,10 @@ class SelectiveAttention(nn.Module):
     trains the routers (UoE's public code uses the gates only to select); selected gates are renormalized to sum
     to ``k`` rather than UoE's capacity factor, so a uniform router with ``topk = expert_topk = heads`` is
     exactly MHA; tokens are the "patches" (UoE: patch size = one embedding); the expert-selection router pools
-    the whole sequence, so it sees future tokens even with ``causal=True`` (as UoE's flattened-sequence
-    switch does). No load-balancing loss.
+    the whole sequence, which would leak future tokens into a causal model, so with ``causal=True`` it pools the
+    prefix instead: token ``n``'s head gates come from the mean of ``x_1 .. x_n``, and head ``h`` keeps token
+    ``n`` only if both routers selected ``h`` for it (tested: outputs before ``t`` do not depend on tokens at or
+    after ``t``). No load-balancing loss.
 
     Example:
         >>> import torch, headwise
@@ -432,11 +434,22 @@ class SelectiveAttention(nn.Module):
         self.expert_router = nn.Linear(cfg.dim, cfg.heads)  # W_e: expert selection per sequence
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(token_gates [B, N, H], head_gates [B, H])``: exactly ``topk`` (``expert_topk``) non-zero gates per
-        token (sequence), each row summing to ``topk`` (``expert_topk``)."""
+        """``(token_gates [B, N, H], head_gates)``: exactly ``topk`` (``expert_topk``) non-zero gates per token
+        (sequence), each row summing to ``topk`` (``expert_topk``). ``head_gates`` is ``[B, H]`` (one per sequence)
+        or, with ``causal=True``, ``[B, N, H]`` (one per prefix)."""
         g = top_k_gates(torch.softmax(self.token_router(x), dim=-1), self.config.topk)  # (B, N, H)
-        G = top_k_gates(torch.softmax(self.expert_router(x.mean(1)), dim=-1), self.config.expert_topk)  # (B, H)
+        if self.config.causal:  # prefix means: no future token reaches a gate
+            count = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[:, None]  # (N, 1)
+            pooled = x.cumsum(1) / count  # (B, N, C)
+        else:
+            pooled = x.mean(1)  # (B, C)
+        G = top_k_gates(torch.softmax(self.expert_router(pooled), dim=-1), self.config.expert_topk)  # (B, [N,] H)
         return g, G
+
+    @staticmethod
+    def _weights(g: Tensor, G: Tensor) -> Tensor:
+        """``G_h g_{n,h}`` ``[B, N, H]``: zero where the token or its sequence / prefix did not select the head."""
+        return g * (G if G.dim() == 3 else G[:, None, :])
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, N, _ = x.shape
@@ -453,11 +466,11 @@ class SelectiveAttention(nn.Module):
         g, G = self.route(x)  # (B, N, H), (B, H)
         q, k, v = self._qkv(x)  # 3 x (B, H, N, D)
         pattern = Causal() if self.config.causal else None
-        weight = g * G[:, None, :]  # (B, N, H): zero where a head is not selected
+        weight = self._weights(g, G)  # (B, N, H): zero where a head is not selected
         parts, rows = [], []
         for b in range(B):
-            for h in G[b].nonzero().flatten().tolist():
-                idx = g[b, :, h].nonzero().flatten()  # (S,) the tokens head h selected, in order
+            for h in weight[b].any(0).nonzero().flatten().tolist():
+                idx = weight[b, :, h].nonzero().flatten()  # (S,) the tokens head h selected, in order
                 if idx.numel() == 0:
                     continue
                 sel = (b, h, idx)
@@ -482,9 +495,9 @@ def naive_selective_attention(module: SelectiveAttention, x: Tensor) -> Tensor:
     unselected tokens give zero; outputs weighted by ``G_h g_{n,h}``. ``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
     B, N, _ = x.shape
     H, D = module.heads, module.head_dim
-    g, G = module.route(x)  # (B, N, H), (B, H)
+    g, G = module.route(x)  # (B, N, H), (B, [N,] H)
     q, k, v = module._qkv(x)  # 3 x (B, H, N, D)
-    weight = (g * G[:, None, :]).transpose(1, 2)  # (B, H, N)
+    weight = module._weights(g, G).transpose(1, 2)  # (B, H, N)
     sel = weight > 0  # (B, H, N)
     s = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, N, N)
     keep = sel[..., :, None] & sel[..., None, :]  # (B, H, N, N)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from headwise import patterns
 from headwise.core.attention import BACKENDS, attention
-from headwise.patterns import Full, Pattern
+from headwise.patterns import Causal, Full, Pattern
 from headwise.variants.checks import check_positive_int
 from headwise.variants.registry import register
 from headwise.variants.softmax import MultiHeadAttention
@@ -603,7 +603,9 @@ class SingleHeadAttention(nn.Module):
         y = \mathrm{ReLU}\big([\mathrm{softmax}(q k^\top / \sqrt{d_{qk}})\, v,\ x_2]\big)\, W_o
 
     ``GN`` is a one-group GroupNorm over (tokens, channels) of each sample with a per-channel affine, as in
-    SHViT. Shapes: ``x`` ``[B, N, C]`` -> ``[B, N, C]``; the head is q, k ``[B, 1, N, d_qk]``, v ``[B, 1, N, C_p]``.
+    SHViT (``norm="group"``). Its statistics span the whole sequence, so a causal pattern would still see the
+    future through them: causal patterns need ``norm="layer"`` (a per-token LayerNorm, our departure for
+    autoregressive use), and ``norm="group"`` with a causal pattern raises. Shapes: ``x`` ``[B, N, C]`` -> ``[B, N, C]``; the head is q, k ``[B, 1, N, d_qk]``, v ``[B, 1, N, C_p]``.
     There is no ``heads`` argument: the module has one head by design.
 
     Args:
@@ -614,6 +616,7 @@ class SingleHeadAttention(nn.Module):
         pattern: a pattern or spec string for the head (default None: full attention).
         bias: bias in the qkv and output projections; default True.
         backend: :func:`headwise.attention` backend; default ``"auto"``.
+        norm: ``"group"`` (SHViT's GroupNorm over the sequence; default) or ``"layer"`` (per token; causal-safe).
 
     Choices made here: SHViT works on ``[B, C, H, W]`` maps with 1x1 convolutions followed by BatchNorm (the
     output one initialised to zero); we use tokens ``[B, N, C]`` and linear layers with bias (what the BatchNorms
@@ -634,6 +637,7 @@ class SingleHeadAttention(nn.Module):
         pattern: Pattern | str | None = None  # allowed (query, key) pairs: a Pattern or spec string; None: all
         bias: bool = True  # bias in the qkv and output projections
         backend: str = "auto"  # headwise.attention backend: "auto", "reference", "sdpa", "blocksparse", "flex"
+        norm: str = "group"  # pre-norm of the head's channels: "group" (over the sequence, SHViT) or "layer" (per token)
 
         def __post_init__(self):
             check_positive_int("dim", self.dim)
@@ -646,15 +650,20 @@ class SingleHeadAttention(nn.Module):
             if not isinstance(self.bias, bool):
                 raise TypeError(f"bias must be a bool, got bias={self.bias!r}")
             _check_backend(self.backend)
+            if self.norm not in ("group", "layer"):
+                raise ValueError(f"norm must be 'group' or 'layer', got norm={self.norm!r}")
+            if self.norm == "group" and isinstance(self.pattern, Causal):
+                raise ValueError(f"norm='group' normalizes over the whole sequence, so pattern={self.pattern!r} "
+                                 "would still see future tokens; use norm='layer' for causal attention")
 
     def __init__(self, dim: int, *, partial: float = 0.25, qk_dim: int = 16, pattern: Pattern | str | None = None,
-                 bias: bool = True, backend: str = "auto"):
+                 bias: bool = True, backend: str = "auto", norm: str = "group"):
         super().__init__()
         self.config = cfg = self.Config(dim=dim, partial=partial, qk_dim=qk_dim, pattern=pattern, bias=bias,
-                                        backend=backend)
+                                        backend=backend, norm=norm)
         self.dim, self.qk_dim, self.pattern, self.backend = cfg.dim, cfg.qk_dim, cfg.pattern, cfg.backend
         self.pdim = round(cfg.partial * cfg.dim)  # C_p
-        self.pre_norm = nn.GroupNorm(1, self.pdim)
+        self.pre_norm = nn.GroupNorm(1, self.pdim) if cfg.norm == "group" else nn.LayerNorm(self.pdim)
         self.qkv = nn.Linear(self.pdim, 2 * cfg.qk_dim + self.pdim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
 
@@ -662,7 +671,10 @@ class SingleHeadAttention(nn.Module):
         """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
         _check_tokens(x, self.dim)
         x1, x2 = x.split([self.pdim, self.dim - self.pdim], dim=-1)  # (B, N, C_p), (B, N, C - C_p)
-        x1 = self.pre_norm(x1.transpose(1, 2)).transpose(1, 2)  # (B, N, C_p)
+        if isinstance(self.pre_norm, nn.GroupNorm):  # statistics over (tokens, channels) of each sample
+            x1 = self.pre_norm(x1.transpose(1, 2)).transpose(1, 2)  # (B, N, C_p)
+        else:
+            x1 = self.pre_norm(x1)  # (B, N, C_p), per token
         q, k, v = self.qkv(x1)[:, None].split([self.qk_dim, self.qk_dim, self.pdim], dim=-1)  # (B, 1, N, d_qk|C_p)
         o = attention(q, k, v, self.pattern, backend=self.backend)[:, 0]  # (B, N, C_p)
         return self.proj(F.relu(torch.cat([o, x2], dim=-1)))  # (B, N, C)
