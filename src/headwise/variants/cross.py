@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from headwise.core.attention import attention
 from headwise.patterns import Pattern
+from headwise.selection.tokens import attention_rollout, rollout_select
 from headwise.variants.checks import check_positive_int
 from headwise.variants.registry import register
 from headwise.variants.softmax import MultiHeadAttention
@@ -154,29 +155,6 @@ class MultiScaleHeads(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def attention_rollout(maps: Sequence[Tensor]) -> Tensor:
-    r"""Attention rollout as DCAL uses it (Abnar and Zuidema, 2020): ``\hat S_i = \bar S_i \bar S_{i-1} \cdots
-    \bar S_1`` with ``\bar S = 0.5 S + 0.5 E`` (``S`` the head-averaged attention of a layer, ``E`` the identity),
-    accounting for the residual connections.
-
-    ``maps``: the attention probabilities of layers ``1..i``, each ``[B, H, N, N]`` (or ``[B, N, N]`` already
-    averaged). Returns ``\hat S_i`` ``[B, N, N]``; row 0 is the class token's accumulated attention, the
-    score DCAL ranks tokens by.
-    """
-    if not maps:
-        raise ValueError("attention_rollout needs at least one attention map, got maps=[]")
-    out = None
-    for i, m in enumerate(maps):
-        if m.dim() == 4:
-            m = m.mean(1)  # (B, N, N)
-        if m.dim() != 3 or m.shape[-1] != m.shape[-2]:
-            raise ValueError(f"maps[{i}] must be [B, H, N, N] or [B, N, N], got maps[{i}].shape={tuple(m.shape)}")
-        eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-        s = 0.5 * m + 0.5 * eye  # (B, N, N)
-        out = s if out is None else s @ out
-    return out
-
-
 @register("glca")
 class GlobalLocalCrossAttention(MultiHeadAttention):
     r"""Global-Local Cross-Attention from "Dual Cross-Attention Learning for Fine-Grained Visual Categorization and
@@ -246,8 +224,8 @@ class GlobalLocalCrossAttention(MultiHeadAttention):
         elif not isinstance(scores, Tensor) or tuple(scores.shape) != (B, N):
             got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
             raise ValueError(f"scores must be a tensor [B, N] = {[B, N]}, got scores.shape={got}")
-        R = math.ceil(self.local_ratio * N)
-        idx = scores.detach().topk(R, dim=-1).indices  # (B, R)
+        idx = rollout_select(scores, self.local_ratio)  # (B, R) best first, ties to the lower index
+        R = idx.shape[1]
         local = torch.gather(x, 1, idx[..., None].expand(B, R, C))  # (B, R, C)
         return super().forward(local, x), idx  # (B, R, C), (B, R)
 
