@@ -33,10 +33,9 @@ CALIB_SEED, VAL_SEED = 1_000_003, 2_000_003  # calibration and validation batche
 
 def lm_tasks() -> list[str]:
     """Arena tasks on the decoder-only LM with a ``seq_len`` (the ones MoA can profile at several lengths)."""
-    from headwise.arena.tasks import available_tasks, get_task
+    from headwise.arena.tasks import _LMTask, available_tasks, get_task
 
-    return [n for n in available_tasks()
-            if hasattr(get_task(n, quick=True).config, "seq_len") and hasattr(get_task(n, quick=True), "lm_kwargs")]
+    return [n for n in available_tasks() if isinstance(get_task(n, quick=True), _LMTask)]
 
 
 def _floats(text: str, option: str) -> list[float]:
