@@ -169,30 +169,22 @@ def _row_bounds(rows: Tensor, M: int, pattern: Pattern | None) -> Tensor:
     return torch.stack([torch.zeros_like(rows), hi], -1)
 
 
-def _dedupe(kv_blocks: Tensor, row_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Sort each slot list ascending (-1 last), drop repeats; a repeat's row mask is OR-ed into its first slot."""
-    S = kv_blocks.shape[-1]
+def _dedupe(kv_blocks: Tensor) -> Tensor:
+    """Sort each slot list ascending with repeats and unused slots (-1) last."""
     big = torch.iinfo(torch.long).max
-    key, order = kv_blocks.masked_fill(kv_blocks < 0, big).sort(-1)  # ascending, unused last
-    if row_mask is not None:
-        row_mask = row_mask.gather(-2, order[..., None].expand_as(row_mask))
-        same = key[..., :, None] == key[..., None, :]  # (..., S, S)
-        row_mask = (same.to(torch.int32) @ row_mask.to(torch.int32)) > 0
+    key = kv_blocks.masked_fill(kv_blocks < 0, big).sort(-1).values
     repeat = torch.zeros_like(key, dtype=torch.bool)
     repeat[..., 1:] = key[..., 1:] == key[..., :-1]
-    key, order = key.masked_fill(repeat, big).sort(-1)  # repeats move behind the kept slots
-    if row_mask is not None:
-        row_mask = row_mask.gather(-2, order[..., None].expand_as(row_mask)) & (key != big)[..., None]
-    return key.masked_fill(key == big, -1), row_mask
+    key = key.masked_fill(repeat, big).sort(-1).values
+    return key.masked_fill(key == big, -1)
 
 
 def _kernel_path(q, k, v, kv_blocks, block_q, block_kv, row_mask, pattern, scale):
     B, H, N, _ = q.shape
     M = k.shape[2]
     kv_bounds, pieces = _kv_tiles(M, block_kv)
-    kv_blocks, row_mask = _dedupe(kv_blocks, row_mask)
     if row_mask is None:
-        sched = _block_major(kv_blocks, N, M, block_q, block_kv, pieces, kv_bounds, pattern)
+        sched = _block_major(_dedupe(kv_blocks), N, M, block_q, block_kv, pieces, kv_bounds, pattern)
     else:
         sched = _row_major(kv_blocks, row_mask, N, M, block_q, pieces, pattern)
     dtype = q.dtype
@@ -229,34 +221,33 @@ def _ascending(tiles: Tensor) -> Tensor:
 
 
 def _row_major(kv_blocks, row_mask, N, M, block_q, pieces, pattern):
-    """Virtual rows = selected (query, key block) pairs, grouped by key block into tiles of <= _ROWS rows."""
+    """Virtual rows = selected (query, key block) pairs, grouped by key block into tiles of <= _ROWS rows.
+
+    The selection is scattered into a dense ``[B * H, key blocks, N]`` table (a repeated slot ORs in), whose
+    non-zeros come out in (group, key block, query) order: no sort and no de-duplication are needed.
+    """
     B, H, n_qb, S = kv_blocks.shape
     BH = B * H
-    qpos = (torch.arange(n_qb)[:, None] * block_q + torch.arange(block_q)[None, :])  # (nQB, bq)
-    use = row_mask & (qpos < N)[None, None, :, None, :]  # (B, H, nQB, S, bq)
-    rank = (use.cumsum(3) - 1).reshape(-1)  # k-th selection of its query (slots are ascending, deduped)
-    g, pos = use.reshape(BH, -1).nonzero(as_tuple=True)  # in (group, query block, slot, row) order
-    e = g * use[0, 0].numel() + pos  # flat entry index
-    qb, rest = pos // (S * block_q), pos % (S * block_q)
-    slot, r = rest // block_q, rest % block_q
-    blk = kv_blocks.reshape(BH, n_qb, S)[g, qb, slot]
-    qry = qb * block_q + r
     n_kb = max(1, int(kv_blocks.max()) + 1)
-    # stable sort by (group, key block): inside one block the queries stay ascending
+    index = kv_blocks.masked_fill(kv_blocks < 0, n_kb).reshape(BH, n_qb, S).transpose(1, 2)  # (BH, S, nQB)
+    index = index[..., None].expand(BH, S, n_qb, block_q)
+    src = row_mask.reshape(BH, n_qb, S, block_q).transpose(1, 2).to(torch.int32)  # (BH, S, nQB, bq)
+    table = torch.zeros(BH, n_kb + 1, n_qb, block_q, dtype=torch.int32).scatter_add_(1, index, src)
+    sel = table[:, :n_kb].reshape(BH, n_kb, n_qb * block_q)[..., :N] > 0  # (BH, nKB, N)
+    rank = sel.cumsum(1, dtype=torch.int32) - 1  # k-th selected block of each query (ascending block order)
+    g, blk, qry = sel.nonzero(as_tuple=True)  # sorted by (group, key block, query)
     key = g * n_kb + blk
-    key, order = torch.sort(key, stable=True)
-    g, blk, qry, e = g[order], blk[order], qry[order], e[order]
     counts = torch.bincount(g, minlength=BH)  # (BH,) virtual rows per group
     start = torch.cumsum(counts, 0) - counts
     vrow = torch.arange(g.numel()) - start[g]  # virtual row index inside its group
     Nv = int(counts.max()) + 1 if g.numel() else 1  # the last row of every group is padding: out 0, lse -inf
-    s_max = max(1, int(rank.max()) + 1 if g.numel() else 1)  # most blocks one query selected
+    s_max = max(1, int(rank[:, -1].max()) + 1)  # most blocks one query selected
     vq = torch.zeros(BH, Nv, dtype=torch.long)  # query index of every virtual row
     vq[g, vrow] = qry
     row_bounds = torch.zeros(BH, Nv, 2, dtype=torch.long)  # padding rows see nothing
     row_bounds[g, vrow] = _row_bounds(qry, M, pattern)
     slots = torch.full((BH, N * s_max), Nv - 1, dtype=torch.long)  # (query, k-th selection) -> virtual row
-    slots[g, qry * s_max + rank[e]] = vrow
+    slots[g, qry * s_max + rank[g, blk, qry].long()] = vrow
     # tiles: the rows of one (group, key block) in runs of <= _ROWS
     per_block = torch.bincount(key, minlength=BH * n_kb)  # (BH * nKB,)
     n_tiles = (per_block + _ROWS - 1) // _ROWS
@@ -330,7 +321,10 @@ def _per_query(xv: Tensor, slots: Tensor) -> Tensor:
 def _merge_rows(out_v: Tensor, lse_v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
     """Log-sum-exp merge of the virtual rows of each query: ``(out [B, H, N, Dv], lse [B, H, N])``."""
     lse_s = _per_query(lse_v, slots)  # (B, H, N, s_max)
-    lse = torch.logsumexp(lse_s, -1)  # (B, H, N); -inf where nothing was selected
-    w = torch.exp(lse_s - lse.masked_fill(torch.isinf(lse), 0)[..., None])  # (B, H, N, s_max)
-    out = (_per_query(out_v, slots) * w[..., None]).sum(-2)  # (B, H, N, Dv)
+    m = lse_s.amax(-1, keepdim=True).clamp_min(torch.finfo(lse_s.dtype).min)  # (B, H, N, 1); finite
+    w = torch.exp(lse_s - m)  # (B, H, N, s_max); 0 on padding slots
+    total = w.sum(-1, keepdim=True)  # (B, H, N, 1); 0 where nothing was selected
+    lse = torch.where(total > 0, m + torch.log(total), torch.full_like(m, float("-inf")))[..., 0]  # (B, H, N)
+    w = w / total.clamp_min(torch.finfo(w.dtype).tiny)
+    out = torch.matmul(w[..., None, :], _per_query(out_v, slots))[..., 0, :]  # (B, H, N, Dv)
     return out, lse
