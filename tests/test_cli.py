@@ -131,7 +131,7 @@ def test_bench_patterns_selects_cases(tmp_path):
 
 
 def test_demo_writes_report(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--no-progress"], cases=TINY[:1]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--no-progress", "--arena-steps", "0.003"], cases=TINY[:1]) == 0
     out = capsys.readouterr().out
     (folder,) = tmp_path.glob("demo-*")
     report = folder / "report.md"

@@ -5,8 +5,13 @@
     headwise bench patterns [--quick] [--peers]     block-sparse vs dense SDPA (and peers), --json / --markdown
     headwise bench variants [--quick]               every registered variant vs mha (headwise.bench.variants)
     headwise bench linear [--quick]                 chunked linear attention vs causal SDPA (headwise.bench.linear)
+    headwise bench distributed [--ranks 1,2,4]      ring / head-parallel attention on P gloo processes (per rank)
+    headwise bench dynamic [--quick]                MoBA, VMoBA, DMA, HiP vs dense SDPA (headwise.bench.dynamic)
     headwise simulate SPEC --grid 128,128           attended pairs, tiles, tile-level FLOPs, upper-bound speedup
     headwise simulate decode --params 8e9 ...       Kinetics decoding cost: dense vs sparse attention per token
+    headwise moa-plan --task mqar --out plan.json   MoA: profile, MILP plan search, per-head window plan JSON
+    headwise inspect --demo --out DIR               what every head does: metrics.json, PNGs, report.html
+    headwise arena --task mqar --variants mha,linear --quick --out DIR   train and compare variants; leaderboard
     headwise demo [--out runs]                      a short tour; writes runs/demo-<timestamp>/report.md
 
 ``main(argv)`` returns the exit status: 0 on success, 2 for bad input (a one-line message on stderr, no
@@ -321,10 +326,9 @@ def cmd_show_pattern(args, cases) -> int:
 def _bench_cases(args, cases):
     from headwise.bench.patterns import CASES, QUICK_CASES, STRUCTURED_CASES, STRUCTURED_QUICK_CASES, select_cases
 
-    pool = cases if cases is not None else (QUICK_CASES if args.quick else CASES)
+    default = QUICK_CASES + STRUCTURED_QUICK_CASES if args.quick else CASES + STRUCTURED_CASES
+    pool = cases if cases is not None else default
     names = [s.strip() for s in args.cases.split(",") if s.strip()] if args.cases else None
-    if cases is None and names:  # named cases may also come from the structured patterns' cases
-        pool = tuple(pool) + (STRUCTURED_QUICK_CASES if args.quick else STRUCTURED_CASES)
     with _user_input("--cases"):
         return select_cases(pool, names)
 
@@ -367,9 +371,16 @@ def cmd_simulate(args, cases) -> int:
 def cmd_demo(args, cases) -> int:
     from headwise.demo import run_demo
 
-    report = run_demo(args.out, cases=cases, progress=not args.no_progress)
+    report = run_demo(args.out, cases=cases, progress=not args.no_progress, arena_steps=args.arena_steps)
     print(f"wrote {report}")
     return 0
+
+
+def cmd_arena(args, cases) -> int:
+    from headwise.arena import runner
+
+    with _user_input("arena"):
+        return runner.main(args)
 
 
 def _positive_int(text: str) -> int:
@@ -433,6 +444,18 @@ def build_parser() -> argparse.ArgumentParser:
                          description=_summary_line(bench_linear, limit=400))
     bench_linear.add_arguments(p)
     p.set_defaults(func=lambda args, cases: bench_linear.main(args))
+    from headwise.bench import distributed as bench_distributed
+
+    p = bench.add_parser("distributed", help="ring / head-parallel attention on P local gloo processes: "
+                         "per-rank time, memory, communication", description=_summary_line(bench_distributed, limit=400))
+    bench_distributed.add_arguments(p)
+    p.set_defaults(func=lambda args, cases: bench_distributed.main(args))
+    from headwise.bench import dynamic as bench_dynamic
+
+    p = bench.add_parser("dynamic", help="content-aware block selection (MoBA, VMoBA, DMA, HiP) vs dense SDPA",
+                         description=_summary_line(bench_dynamic, limit=400))
+    bench_dynamic.add_arguments(p)
+    p.set_defaults(func=lambda args, cases: bench_dynamic.main(args))
 
     from headwise.simulate import report as simulate_report
 
@@ -443,9 +466,32 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_report.add_arguments(p)
     p.set_defaults(func=cmd_simulate)
 
+    from headwise.moa import cli as moa_cli
+
+    p = sub.add_parser("moa-plan", help="MoA: profile a small LM on a task, search per-head elastic windows, write the plan",
+                       description=_summary_line(moa_cli, limit=400))
+    moa_cli.add_arguments(p)
+    p.set_defaults(func=moa_cli.command)
+
+    from headwise.arena import runner as arena_runner
+
+    p = sub.add_parser("arena", help="train and compare variants on recall, in-context regression, images, text",
+                       description=_summary_line(arena_runner, limit=400))
+    arena_runner.add_arguments(p)
+    p.set_defaults(func=cmd_arena)
+
+    from headwise.analysis import command as inspect_command
+
+    p = sub.add_parser("inspect", help="what every head does: metrics JSON, plots and report.html (--demo: a small trained LM)",
+                       description=_summary_line(inspect_command, limit=400))
+    inspect_command.add_arguments(p)
+    p.set_defaults(func=lambda args, cases: inspect_command.main(args))
+
     p = sub.add_parser("demo", help="a short tour: patterns, a correctness check, the quick benchmark, a report")
     p.add_argument("--out", default="runs", help="parent folder of the report (default runs/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--arena-steps", type=float, default=1.0,
+                   help="factor on the closing arena run's training steps (default 1; 0 skips the arena run)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -5,6 +5,9 @@
 3. A picture of a 2-D neighborhood mask (``pattern.png``).
 4. The quick cases of the pattern benchmark (:data:`headwise.bench.patterns.QUICK_CASES`), timed against
    dense SDPA, written as ``bench.json`` and as the table of ``report.md``.
+5. A quick arena run (:data:`ARENA`): ``mha``, single-head ``mha`` and elu+1 ``linear`` attention trained on
+   ``mqar`` and ``icl_regression`` (one seed, short presets), written to ``arena/`` (results.json,
+   leaderboard.md, plots) and summarized in ``report.md``; ``arena_steps`` scales its steps (0 skips it).
 
 Everything goes to ``<out>/demo-<timestamp>/``; :func:`run_demo` returns the path of ``report.md``.
 """
@@ -22,7 +25,7 @@ import headwise
 from headwise.bench.patterns import QUICK_CASES, BenchCase, print_table, run_pattern_bench, to_rich_table
 from headwise.cli import ascii_mask, build_pattern, describe_pattern, plot_pattern
 
-__all__ = ["run_demo", "TOUR", "PICTURE", "CHECK"]
+__all__ = ["run_demo", "TOUR", "PICTURE", "CHECK", "ARENA"]
 
 # (spec, grid): drawn in the terminal with 4 x 4 tiles
 TOUR: tuple[tuple[str, tuple[int, ...]], ...] = (
@@ -32,6 +35,12 @@ TOUR: tuple[tuple[str, tuple[int, ...]], ...] = (
 )
 PICTURE = ("neighborhood(kernel_size=(5, 5))", (16, 16))  # the PNG of the report
 CHECK = ("neighborhood(kernel_size=(5, 7))", (13, 17))  # engine vs reference, float64
+# the demo's arena run: variants x tasks, one seed, these task settings (steps scaled by run_demo's arena_steps)
+ARENA = {
+    "variants": ("mha", "mha(heads=1)", "linear"),
+    "tasks": {"mqar": dict(steps=800, pairs=(4, 8), batch=32, eval_examples=400),
+              "icl_regression": dict(steps=400, eval_tasks=2000)},
+}
 
 
 def _fresh_dir(root: Path) -> Path:
@@ -56,8 +65,10 @@ def check_against_reference(spec: str, grid: tuple[int, ...], heads: int = 2, he
     return float((fast - reference).abs().max())
 
 
-def run_demo(out: str | Path = "runs", *, cases: Sequence[BenchCase] | None = None, progress: bool = True) -> Path:
-    """Run the tour (module docstring); returns the path of the written ``report.md``."""
+def run_demo(out: str | Path = "runs", *, cases: Sequence[BenchCase] | None = None, progress: bool = True,
+             arena_steps: float = 1.0) -> Path:
+    """Run the tour (module docstring); returns the path of the written ``report.md``. ``arena_steps``: factor on
+    the arena run's steps (0: no arena run)."""
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True, markup=False)
@@ -117,6 +128,33 @@ to the attended pairs); `peak MB`: peak extra resident memory of one call. Raw n
 Full-size cases and peers (compiled FlexAttention, natten, local-attention):
 `headwise bench patterns --peers --json runs/bench-patterns.json` (`make bench`).
 """
+    if arena_steps:
+        text += _demo_arena(folder / "arena", console, arena_steps, progress)
     path = folder / "report.md"
     path.write_text(text)
     return path
+
+
+def _demo_arena(folder: Path, console, scale: float, progress: bool) -> str:
+    """The quick arena run of :data:`ARENA` into ``folder``; returns its section of the report."""
+    from headwise.arena import runner
+    from headwise.arena.leaderboard import to_markdown
+
+    overrides = {task: {**kw, "steps": max(1, round(kw["steps"] * scale))} for task, kw in ARENA["tasks"].items()}
+    console.print(f"\nArena: {', '.join(ARENA['variants'])} on {', '.join(overrides)} (one seed) ...")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and fair on a shared machine
+    try:
+        rows = runner.run(list(overrides), list(ARENA["variants"]), seeds=1, out=folder, task_overrides=overrides,
+                          progress=progress, log=console.print)
+    finally:
+        torch.set_num_threads(threads)
+    board = to_markdown(rows).split("\n", 2)[2]  # without the page title
+    return f"""
+## Quick arena run
+
+Each variant trained from scratch (AdamW, cosine schedule, one seed) on multi-query associative recall and on
+in-context linear regression; raw rows in `arena/results.json`, plots in `arena/plots/`. Full-size runs:
+`headwise arena --task mqar,icl_regression --quick --seeds 3 --out runs/arena`.
+
+{board}"""

@@ -12,5 +12,9 @@ from headwise.variants import structured  # noqa: F401  (registers max_vit, halo
 from headwise.variants import vision  # noqa: F401  (registers lka, ulsam, spectral, nin_gate, multihead_scan)
 from headwise.variants import cross  # noqa: F401  (registers multiscale_heads, glca, pwca, dictionary_cross, mil_attention, shared_kv, window_cross)
 from headwise.variants import sets  # noqa: F401  (registers set_attention, memory_attention)
+from headwise.variants import dynamic  # noqa: F401  (registers topk, dma, sparsifiner)
+from headwise.variants import moa  # noqa: F401  (registers moa)
+from headwise.variants import semantic  # noqa: F401  (registers class_semantic)
+from headwise.variants import mixture_of_blocks  # noqa: F401  (registers moba, vmoba, hip)
 
 __all__ = ["available", "create", "get", "register"]

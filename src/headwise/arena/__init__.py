@@ -1,0 +1,20 @@
+"""headwise arena: train and compare attention variants on small tasks.
+
+* :mod:`headwise.arena.models`: LM / ViT / in-context-regression builders whose mixers are registry specs, and
+  the one adapter (:func:`plan_mixer`) that says how -- or why not -- a variant serves a model;
+* :mod:`headwise.arena.tasks`: the task registry (``get_task("mqar")``);
+* :mod:`headwise.arena.train`: the deterministic, resumable AdamW + cosine training loop;
+* :mod:`headwise.arena.runner`: ``headwise arena`` (results.json, leaderboard.md, plots);
+* :mod:`headwise.arena.data`: the data generators and offline loaders.
+
+>>> from headwise.arena import run
+>>> rows = run(["mqar"], "mha,linear", seeds=1, quick=True, out="runs/arena")
+"""
+
+from headwise.arena.models import Unsupported, build_lm, build_regression, build_vit, plan_mixer, split_specs
+from headwise.arena.runner import run
+from headwise.arena.tasks import available_tasks, get_task, register_task
+from headwise.arena.train import train
+
+__all__ = ["run", "train", "get_task", "available_tasks", "register_task", "build_lm", "build_vit",
+           "build_regression", "plan_mixer", "split_specs", "Unsupported"]
