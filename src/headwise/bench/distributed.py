@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from headwise.bench.patterns import Column, fmt_ms, markdown_table, plain_rich_table
+from headwise.bench.patterns import Column, print_report, fmt_ms, markdown_table, plain_rich_table
 from headwise.bench.timing import environment, peak_memory_mb, time_call
 
 __all__ = ["run", "summarize", "to_markdown", "to_rich_table", "add_arguments", "main", "METHODS"]
@@ -180,8 +180,6 @@ def main(args) -> int:
     """Run from parsed :func:`add_arguments` options; print the table; returns 0."""
     import sys
 
-    from rich.console import Console
-
     try:
         ranks = [int(s) for s in args.ranks.split(",")]
     except ValueError:
@@ -192,12 +190,5 @@ def main(args) -> int:
                progress=lambda m: print(f"  {m}", file=sys.stderr))
     title = (f"context parallelism on local gloo processes: N={args.n}, B={args.batch}, H={args.heads}, "
              f"D={args.head_dim}, pattern {args.pattern}, {args.layout}, {args.threads} thread(s)/rank")
-    Console().print(to_rich_table(rows, title=title))
-    if args.markdown:
-        path = Path(args.markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(to_markdown(rows))
-        print(f"wrote {path}")
-    if args.json_path:
-        print(f"wrote {args.json_path}")
+    print_report(to_rich_table(rows, title=title), to_markdown(rows), args.markdown, args.json_path)
     return 0

@@ -39,7 +39,7 @@ from torch import Tensor
 
 import headwise
 from headwise.bench.patterns import (
-    _BASE_COLUMNS, Column, _ratios, fmt_ms, markdown_table, plain_rich_table, print_table, select_cases,
+    _BASE_COLUMNS, Column, _ratios, fmt_ms, markdown_table, plain_rich_table, print_report, select_cases,
 )
 from headwise.bench.timing import environment, time_call
 from headwise.selection.blocks import (
@@ -297,8 +297,6 @@ def main(args) -> int:
     """Run the benchmark from parsed :func:`add_arguments` options; print the table; returns 0."""
     import sys
 
-    from rich.console import Console
-
     pool = QUICK_CASES if args.quick else CASES
     names = [s.strip() for s in args.cases.split(",") if s.strip()] if args.cases else None
     try:
@@ -310,12 +308,6 @@ def main(args) -> int:
                  quick=args.quick, progress=lambda m: print(f"  {m}", file=sys.stderr))
     h = report["header"]
     title = f"dynamic selection benchmark vs dense SDPA: {_conditions(h)}"
-    print_table(to_rich_table(report["rows"], title=title), Console())
-    if args.markdown:
-        path = Path(args.markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(to_markdown(report["rows"], h))
-        print(f"wrote {path}")
-    if args.json_path:
-        print(f"wrote {args.json_path}")
+    print_report(to_rich_table(report["rows"], title=title), to_markdown(report["rows"], h), args.markdown,
+                 args.json_path)
     return 0

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import headwise
-from headwise.bench.patterns import Column, fmt_ms, markdown_table, plain_rich_table
+from headwise.bench.patterns import Column, print_report, fmt_ms, markdown_table, plain_rich_table
 from headwise.bench.timing import environment, time_call
 from headwise.linear import chunk_linear_attention, decay_rates, naive_linear_attention
 from headwise.patterns import Causal
@@ -334,20 +334,11 @@ def main(args) -> int:
     """Run the benchmark from parsed :func:`add_arguments` options; print the table; returns 0."""
     import sys
 
-    from rich.console import Console
-
     lengths = [int(s) for s in args.lengths.split(",")] if args.lengths else None
     rows = run(quick=args.quick, json_path=args.json_path, lengths=lengths, impls=args.impls, passes=args.passes,
                heads=args.heads, head_dim=args.head_dim, block_size=args.block_size, repeats=args.repeats,
                max_call_s=args.max_call_s, rounds=args.rounds, progress=lambda m: print(f"  {m}", file=sys.stderr))
     title = (f"linear attention benchmark: fp32, B=1, H={args.heads}, D={args.head_dim}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; min of the timed calls after a warm-up")
-    Console().print(to_rich_table(rows, title=title))
-    if args.markdown:
-        path = Path(args.markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(to_markdown(rows))
-        print(f"wrote {path}")
-    if args.json_path:
-        print(f"wrote {args.json_path}")
+    print_report(to_rich_table(rows, title=title), to_markdown(rows), args.markdown, args.json_path)
     return 0

@@ -64,6 +64,7 @@ __all__ = [
     "to_markdown",
     "to_rich_table",
     "print_table",
+    "print_report",
 ]
 
 
@@ -576,6 +577,19 @@ def to_rich_table(rows: Sequence[dict], title: str | None = None):
     for row in rendered:
         table.add_row(*row)
     return table
+
+
+def print_report(table, markdown: str, markdown_path: str | None, json_path: str | None) -> None:
+    """The end of every ``headwise bench`` command: print the rich ``table``, write ``markdown`` to
+    ``markdown_path`` when given, and say which files were written."""
+    print_table(table)
+    if markdown_path:
+        path = Path(markdown_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(markdown)
+        print(f"wrote {path}")
+    if json_path:
+        print(f"wrote {json_path}")
 
 
 def print_table(table, console=None) -> None:

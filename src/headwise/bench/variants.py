@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import headwise
-from headwise.bench.patterns import Column, first_line, fmt_ms, markdown_table, plain_rich_table
+from headwise.bench.patterns import Column, print_report, first_line, fmt_ms, markdown_table, plain_rich_table
 from headwise.bench.timing import environment, peak_memory_mb
 from headwise.variants.registry import config_fields, parse_spec
 
@@ -250,20 +250,11 @@ def main(args) -> int:
     """Run the benchmark from parsed :func:`add_arguments` options; print the table; returns 0."""
     import sys
 
-    from rich.console import Console
-
     names = args.names or None
     lengths = [int(s) for s in args.lengths.split(",")] if args.lengths else None
     rows = run(quick=args.quick, json_path=args.json_path, names=names, dim=args.dim, heads=args.heads,
                lengths=lengths, repeats=args.repeats, progress=lambda m: print(f"  {m}", file=sys.stderr))
     title = (f"variants benchmark: forward, fp32, B=1, dim={args.dim}, heads={args.heads}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; min of interleaved timed calls after a warm-up")
-    Console().print(to_rich_table(rows, title=title))
-    if args.markdown:
-        path = Path(args.markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(to_markdown(rows))
-        print(f"wrote {path}")
-    if args.json_path:
-        print(f"wrote {args.json_path}")
+    print_report(to_rich_table(rows, title=title), to_markdown(rows), args.markdown, args.json_path)
     return 0
