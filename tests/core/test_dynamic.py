@@ -119,3 +119,13 @@ def test_bad_input_names_the_argument(kwargs, match):
     kb = args.pop("kv_blocks")
     with pytest.raises((ValueError, TypeError), match=match):
         block_select_attention(q, k, v, kb, **args)
+
+
+def test_head_specific_pattern_on_the_chunked_path():
+    from headwise.patterns import PerHead
+
+    q, k, v, kb, rm = _inputs(1, 2, 2, 50, 50, 8, 8, 8, 3, True)
+    pattern = PerHead([SlidingWindow(3), Causal()])
+    ref = block_select_attention(q, k, v, kb, block_q=8, block_kv=8, row_mask=rm, pattern=pattern, backend="reference")
+    out = block_select_attention(q, k, v, kb, block_q=8, block_kv=8, row_mask=rm, pattern=pattern)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from headwise.core.attention import OBSERVERS
 from headwise.core.checks import default_scale
+from headwise.core.reference import masked_softmax
 from headwise.patterns.base import Pattern
 
 __all__ = ["capture", "Recorder", "AttentionRecord", "attention_probs", "ADAPTERS", "query_subsample", "observing"]
@@ -78,18 +79,11 @@ def attention_probs(q: Tensor, k: Tensor, pattern: Pattern | None = None, scale:
     q = q[:, :, rows]  # (B, H, n, D)
     k = k.repeat_interleave(H // k.shape[1], dim=1)  # (B, H, M, D)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * default_scale(q, scale)  # (B, H, n, M)
+    mask = None
     if pattern is not None:
         pattern.check(N, M)
-        kv = torch.arange(M, device=q.device)[None, :]
-        if pattern.heads is None:
-            mask = pattern.mask(rows[:, None], kv).expand(len(rows), M)[None]  # (1, n, M)
-        else:
-            h = torch.arange(pattern.heads, device=q.device)[:, None, None]
-            mask = pattern.mask(rows[None, :, None], kv[None], h).expand(pattern.heads, len(rows), M)  # (H, n, M)
-        s = s.masked_fill(~mask, float("-inf"))
-    m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(acc).min)  # (B, H, n, 1), finite on empty rows
-    e = torch.exp(s - m)  # exp(-inf) = 0 on masked entries
-    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)  # (B, H, n, M), empty rows -> 0
+        mask = pattern.rows_mask(rows, M)  # (H or 1, n, M)
+    return masked_softmax(s, mask)[0]  # (B, H, n, M), empty rows -> 0
 
 
 def query_subsample(n: int, max_queries: int | None) -> Tensor | None:

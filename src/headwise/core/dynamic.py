@@ -145,8 +145,7 @@ def _chunked_path(q, k, v, kv_blocks, block_q, block_kv, row_mask, pattern, scal
         rm = None if row_mask is None else row_mask[:, :, b0:b1]
         mask = selection_mask(kv_blocks[:, :, b0:b1], r1 - r0, M, block_q=block_q, block_kv=block_kv, row_mask=rm)
         if pattern is not None:
-            rows = torch.arange(r0, r1, device=q.device)[:, None]
-            mask = mask & pattern.mask(rows, torch.arange(M, device=q.device)[None, :])  # (B, H, c, M)
+            mask = mask & pattern.rows_mask(torch.arange(r0, r1, device=q.device), M)  # (B, H, c, M)
         o, l = masked_attention(q[:, :, r0:r1], k, v, mask, scale)
         outs.append(o)
         lses.append(l)
@@ -210,7 +209,7 @@ def _block_major(kv_blocks, N, M, block_q, block_kv, pieces, kv_bounds, pattern)
         tiles = tiles.masked_fill(start >= hi_last[None, :, None], -1)
         row_bounds = _row_bounds(torch.arange(N), M, pattern)[None]  # (1, N, 2)
     tiles = _ascending(tiles)
-    return _Schedule(q_bounds[None].contiguous(), tiles.contiguous(), row_bounds, None, N, None)
+    return _Schedule(q_bounds[None].contiguous(), tiles.contiguous(), row_bounds, None, None)
 
 
 def _ascending(tiles: Tensor) -> Tensor:
@@ -262,7 +261,7 @@ def _row_major(kv_blocks, row_mask, N, M, block_q, pieces, pattern):
     q_bounds[tile_g, t_rank] = first[tile_gb] + k_in * _ROWS
     tiles = torch.full((BH, nQT, pieces), -1, dtype=torch.long)
     tiles[tile_g, t_rank] = tile_b[:, None] * pieces + torch.arange(pieces)
-    return _Schedule(q_bounds, tiles, row_bounds, vq, N, slots.view(B, H, N, s_max))
+    return _Schedule(q_bounds, tiles, row_bounds, vq, slots.view(B, H, N, s_max))
 
 
 class _Schedule:
@@ -270,13 +269,11 @@ class _Schedule:
     (row-major layout) ``vq`` [B * H, Nv], the query of every virtual row, and ``slots`` [B, H, N, s_max], the
     virtual rows of every query (the padding row ``Nv - 1`` where it selected fewer)."""
 
-    def __init__(self, q_bounds, kv_tiles, row_bounds, vq, n_q, slots):
-        self.q_bounds, self.kv_tiles, self.row_bounds, self.vq, self.n_q = q_bounds, kv_tiles, row_bounds, vq, n_q
-        self.slots = slots
-        self.part_idx = torch.full_like(kv_tiles, -1)
+    def __init__(self, q_bounds, kv_tiles, row_bounds, vq, slots):
+        self.q_bounds, self.kv_tiles, self.vq, self.slots = q_bounds, kv_tiles, vq, slots
+        self.rb = torch.empty(0, dtype=torch.long) if row_bounds is None else row_bounds.contiguous()
+        self.part_idx = torch.full_like(kv_tiles, -1)  # no element masks: row bounds do the token-level part
         self.part_mask = torch.zeros(0, 1, 1, dtype=torch.bool)
-        empty = torch.empty(0, dtype=torch.long)
-        self.rb = empty if row_bounds is None else row_bounds.contiguous()
 
 
 class _GroupedKernel(torch.autograd.Function):

@@ -26,9 +26,16 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
     v = v.repeat_interleave(groups, dim=1)  # (B, H, M, Dv)
     acc = lse_dtype(q.dtype)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * default_scale(q, scale)  # (B, H, N, M)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # (B, H, N)
-    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0)[..., None])  # zero rows stay zero
+    p, lse = masked_softmax(s, mask)  # (B, H, N, M), (B, H, N)
     out = torch.matmul(p, v.to(acc)).to(q.dtype)  # (B, H, N, Dv)
     return out, lse
+
+
+def masked_softmax(s: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(softmax(s | mask), logsumexp(s | mask))`` over the last dim; rows with no allowed entry give zero
+    probabilities and ``lse = -inf`` (never NaN). ``mask`` (True = keep) broadcasts to ``s``."""
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (...,)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0)[..., None])  # zero rows stay zero
+    return p, lse

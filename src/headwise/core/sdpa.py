@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headwise.core.checks import default_scale, lse_dtype
+from headwise.core.checks import default_scale
+from headwise.core.reference import masked_attention
 from headwise.patterns.base import Causal, Full, Pattern
 
 
@@ -49,12 +50,6 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, sca
 
 
 def _math_with_lse(q, k, v, mask, is_causal, scale):
-    acc = lse_dtype(q.dtype)
-    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, H, N, M)
     if is_causal:
-        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).tril()[None]
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, -1)  # (B, H, N)
-    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0)[..., None])
-    return torch.matmul(p, v.to(acc)).to(q.dtype), lse
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()[None]
+    return masked_attention(q, k, v, mask, scale)

@@ -228,12 +228,17 @@ class Pattern:
     def dense_mask(self, n_q: int, n_kv: int, device: torch.device | str | None = None) -> Tensor:
         """Boolean mask ``[H or 1, n_q, n_kv]`` (materialized: for the reference, plots and tests)."""
         self.check(n_q, n_kv)
-        q = torch.arange(n_q, device=device)[:, None]
-        kv = torch.arange(n_kv, device=device)[None, :]
+        return self.rows_mask(torch.arange(n_q, device=device), n_kv)
+
+    def rows_mask(self, rows: Tensor, n_kv: int) -> Tensor:
+        """Boolean mask ``[H or 1, len(rows), n_kv]`` of the query positions ``rows`` (a chunk or a sample of
+        queries; call :meth:`check` with the full length first)."""
+        q = rows[:, None]
+        kv = torch.arange(n_kv, device=rows.device)[None, :]
         if self.heads is None:
-            return self.mask(q, kv).expand(n_q, n_kv)[None]
-        h = torch.arange(self.heads, device=device)[:, None, None]
-        return self.mask(q[None], kv[None], h).expand(self.heads, n_q, n_kv)
+            return self.mask(q, kv).expand(len(rows), n_kv)[None]
+        h = torch.arange(self.heads, device=rows.device)[:, None, None]
+        return self.mask(q[None], kv[None], h).expand(self.heads, len(rows), n_kv)
 
     def density(self, n_q: int, n_kv: int) -> float:
         """Exact fraction of attended (query, key) pairs (averaged over heads for head-specific patterns)."""

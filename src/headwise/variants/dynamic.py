@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from headwise.core.checks import check_qkv, default_scale
 from headwise.core.merge import merge_attention
-from headwise.core.reference import masked_attention
+from headwise.core.reference import masked_attention, masked_softmax
 from headwise.selection.tokens import dma_block_keep, dma_blocks, dma_key_rank, dma_mask, topk_mask
 from headwise.variants.checks import check_bool, check_positive_int
 from headwise.variants.registry import register
@@ -69,8 +69,7 @@ def _keep_chunk(qc: Tensor, k: Tensor, v: Tensor, *, keep: Tensor | Callable, i0
     s = (qc.reshape(B, H_kv, G, n, D) @ k[:, :, None].transpose(-1, -2)) * scale  # (B, H_kv, G, n, M)
     s = s.reshape(B, H, n, M)
     kc = keep(s.detach(), i0, i0 + n) if callable(keep) else keep[:, :, i0:i0 + n]  # (B, H, n, M) bool
-    empty = ~kc.any(-1, keepdim=True)  # (B, H, n, 1) rows with no key -> zeros
-    p = torch.softmax(s.masked_fill(~kc, float("-inf")).masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    p, _ = masked_softmax(s, kc)  # (B, H, n, M); rows with no key -> zeros
     o = p.reshape(B, H_kv, G, n, M) @ v[:, :, None]  # (B, H_kv, G, n, Dv)
     return o.reshape(B, H, n, v.shape[-1])
 
