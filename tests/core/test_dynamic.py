@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from headwise.core.dynamic import block_select_attention, selection_mask
+from headwise.core.dynamic import block_select_attention, selection_mask, token_block_attention, token_selection_mask
 from headwise.patterns import Causal, SlidingWindow
 
 
@@ -56,10 +56,16 @@ def test_engine_matches_reference(case, rows, pattern):
     if isinstance(pattern, SlidingWindow) and case[3] != case[4]:
         pytest.skip("window case on square shapes only")
     q, k, v, kb, rm = _inputs(*case, with_rows=rows)
+    _assert_backends_agree(lambda backend: block_select_attention(
+        q, k, v, kb, block_q=case[6], block_kv=case[7], row_mask=rm, pattern=pattern, return_lse=True,
+        backend=backend), q, k, v)
+
+
+def _assert_backends_agree(call, q, k, v):
+    """``call(backend) -> (out, lse)``: the engine equals the reference, forward and gradients (lse included)."""
     results = []
     for backend in ("reference", "blocksparse"):
-        out, lse = block_select_attention(q, k, v, kb, block_q=case[6], block_kv=case[7], row_mask=rm,
-                                          pattern=pattern, return_lse=True, backend=backend)
+        out, lse = call(backend)
         assert not out.isnan().any()
         g = torch.Generator().manual_seed(1)
         w_out = torch.randn(out.shape, generator=g, dtype=out.dtype)
@@ -129,3 +135,65 @@ def test_head_specific_pattern_on_the_chunked_path():
     ref = block_select_attention(q, k, v, kb, block_q=8, block_kv=8, row_mask=rm, pattern=pattern, backend="reference")
     out = block_select_attention(q, k, v, kb, block_q=8, block_kv=8, row_mask=rm, pattern=pattern)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+
+
+# ---- per-query block selections (token_block_attention) ------------------------------------------------
+def _token_inputs(B, H, Hkv, N, M, D, block_kv, density, seed=0, dtype=torch.float64):
+    q, k, v, _, _ = _inputs(B, H, Hkv, N, M, D, 1, block_kv, 1, False, seed, dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    sel = torch.rand(B, H, N, math.ceil(M / block_kv), generator=g) < density
+    return q, k, v, sel
+
+
+def test_token_selection_mask_matches_brute_force():
+    _, _, _, sel = _token_inputs(2, 2, 1, 13, 11, 4, 3, 0.4)
+    for pattern in (None, Causal()):
+        want = torch.zeros(2, 2, 13, 11, dtype=torch.bool)
+        for i in range(13):
+            for j in range(11):
+                want[:, :, i, j] = sel[:, :, i, j // 3] & (pattern is None or j <= i)
+        assert torch.equal(token_selection_mask(sel, 11, block_kv=3, pattern=pattern), want)
+
+
+TOKEN_CASES = [  # B, H, Hkv, N, M, D, block_kv, density
+    (1, 1, 1, 1, 1, 4, 1, 1.0),
+    (1, 2, 1, 63, 63, 8, 8, 0.3),
+    (2, 2, 2, 500, 500, 8, 32, 0.2),
+    (1, 2, 2, 130, 700, 8, 600, 0.7),  # key blocks larger than one engine tile
+    (1, 2, 2, 100, 100, 8, 16, 0.0),  # nothing selected: zeros
+]
+
+
+@pytest.mark.parametrize("case", TOKEN_CASES, ids=lambda c: "B{}-H{}-Hkv{}-N{}-M{}-D{}-bkv{}-p{}".format(*c))
+@pytest.mark.parametrize("pattern", [None, Causal(), SlidingWindow(20)], ids=["full", "causal", "window"])
+def test_token_engine_matches_reference(case, pattern):
+    if not isinstance(pattern, type(None)) and case[3] != case[4]:
+        pytest.skip("patterns on square shapes only")
+    q, k, v, sel = _token_inputs(*case)
+    _assert_backends_agree(lambda backend: token_block_attention(
+        q, k, v, sel, block_kv=case[6], pattern=pattern, return_lse=True, backend=backend), q, k, v)
+
+
+def test_token_engine_takes_the_block_major_view_and_equals_block_select():
+    q, k, v, sel = _token_inputs(1, 2, 2, 96, 96, 8, 16, 0.4)
+    view = sel.transpose(-1, -2).contiguous().transpose(-1, -2)  # [B, H, blocks, N] storage
+    out = token_block_attention(q, k, v, view, block_kv=16, pattern=Causal())
+    kb = torch.arange(6).expand(1, 2, 6, 6).contiguous()  # every query block lists every key block ...
+    rows = sel.view(1, 2, 6, 16, 6).permute(0, 1, 2, 4, 3).contiguous()  # ... and its rows say which
+    ref = block_select_attention(q, k, v, kb, block_q=16, block_kv=16, row_mask=rows, pattern=Causal())
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block_kv=0), "block_kv"),
+    (dict(sel=torch.ones(1, 1, 8, 3, dtype=torch.bool)), "sel.shape"),
+    (dict(sel=torch.ones(1, 1, 8, 2)), "bool"),
+    (dict(pattern="causal"), "pattern"),
+    (dict(backend="dense"), "backend"),
+])
+def test_token_bad_input_names_the_argument(kwargs, match):
+    q = k = v = torch.randn(1, 1, 8, 4)
+    args = dict(sel=torch.ones(1, 1, 8, 2, dtype=torch.bool), block_kv=4)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        token_block_attention(q, k, v, args.pop("sel"), **args)

@@ -126,11 +126,12 @@ class _Prepared:
 def _moba(case: DynamicCase, q, k, v) -> _Prepared:
     p = case.params
 
-    def select():
-        return blocks_from_token_selection(moba_select(q, k, block=p["block"], topk=p["topk"]), p["block"])
+    def select():  # what moba_attention runs before the engine
+        return moba_select(q, k, block=p["block"], topk=p["topk"])
 
     return _Prepared(lambda: moba_attention(q, k, v, **p), select,
-                     lambda: visited_pairs(*select(), case.n, p["block"], causal=p.get("causal", True)))
+                     lambda: visited_pairs(*blocks_from_token_selection(select(), p["block"]), case.n, p["block"],
+                                           causal=p.get("causal", True)))
 
 
 def _vmoba(case: DynamicCase, q, k, v) -> _Prepared:
@@ -138,12 +139,12 @@ def _vmoba(case: DynamicCase, q, k, v) -> _Prepared:
     perm, size = vmoba_partition(case.grid, p["partition"], p["block"])
     choice = {key: p[key] for key in ("selection", "scope", "tau", "topk") if key in p}
 
-    def select():
+    def select():  # what vmoba_attention runs before the engine
         qp, kp = q[:, :, perm], k[:, :, perm]  # block order
-        return blocks_from_token_selection(vmoba_select(qp, kp, block=size, **choice), size)
+        return vmoba_select(qp, kp, block=size, **choice)
 
     return _Prepared(lambda: vmoba_attention(q, k, v, grid=case.grid, **p), select,
-                     lambda: visited_pairs(*select(), case.n, size, causal=False))
+                     lambda: visited_pairs(*blocks_from_token_selection(select(), size), case.n, size, causal=False))
 
 
 def _hip(case: DynamicCase, q, k, v) -> _Prepared:

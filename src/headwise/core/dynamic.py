@@ -30,16 +30,18 @@ import math
 import torch
 from torch import Tensor
 
-from headwise.core.blocksparse import extension, take_rows
+from headwise.core.blocksparse import extension
 from headwise.core.checks import check_qkv, default_scale
 from headwise.core.reference import masked_attention
 from headwise.patterns.base import Causal, Pattern
 
-__all__ = ["block_select_attention", "selection_mask"]
+__all__ = ["block_select_attention", "selection_mask", "token_block_attention", "token_selection_mask"]
 
-_ROWS = 64  # query rows per engine tile
+_ROWS = 64  # query rows per engine tile (block-major layout)
+_VROWS = 128  # virtual rows per engine tile (row-major layout; measured ~10 % faster than 64 on MoBA's 512-key blocks)
 _KV_PIECE = 512  # key blocks larger than this are split into engine tiles of at most this many keys
 _BACKENDS = ("auto", "reference", "blocksparse")
+_EMPTY = torch.empty(0, dtype=torch.long)  # "none" for the kernel's optional tensor arguments
 
 
 # ---- checks and the dense meaning ----------------------------------------------------------------------
@@ -122,9 +124,80 @@ def block_select_attention(q: Tensor, k: Tensor, v: Tensor, kv_blocks: Tensor, *
         mask = selection_mask(kv_blocks, N, M, block_q=block_q, block_kv=block_kv, row_mask=row_mask, pattern=pattern)
         out, lse = masked_attention(q, k, v, mask, scale)
     elif _kernel_applies(q, pattern):
-        out, lse = _kernel_path(q, k, v, kv_blocks, block_q, block_kv, row_mask, pattern, scale)
+        kv_bounds, pieces = _kv_tiles(M, block_kv)
+        if row_mask is None:
+            sched = _block_major(_dedupe(kv_blocks), N, M, block_q, block_kv, pieces, kv_bounds, pattern)
+        else:
+            sched = _row_major(kv_blocks, row_mask, N, M, block_q, pieces, pattern)
+        out, lse = _kernel_path(q, k, v, sched, kv_bounds, scale)
     else:
-        out, lse = _chunked_path(q, k, v, kv_blocks, block_q, block_kv, row_mask, pattern, scale)
+        def rows_mask(r0, r1):  # (B, H, r1 - r0, M); r0, r1 on query block bounds
+            b0, b1 = r0 // block_q, math.ceil(r1 / block_q)
+            rm = None if row_mask is None else row_mask[:, :, b0:b1]
+            return selection_mask(kv_blocks[:, :, b0:b1], r1 - r0, M, block_q=block_q, block_kv=block_kv, row_mask=rm)
+
+        out, lse = _chunked_path(q, k, v, rows_mask, block_q, pattern, scale)
+    return (out, lse) if return_lse else out
+
+
+def _check_token_selection(sel, n_q, n_kv, block_kv, pattern, B=None, H=None):
+    if isinstance(block_kv, bool) or not isinstance(block_kv, int) or block_kv < 1:
+        raise ValueError(f"block_kv must be a positive int, got block_kv={block_kv!r}")
+    n_kb = math.ceil(n_kv / block_kv)
+    if not isinstance(sel, Tensor) or sel.dtype != torch.bool or sel.dim() != 4:
+        raise TypeError(f"sel must be a bool tensor [B, H, N, ceil(M / block_kv)], got {type(sel).__name__} "
+                        f"{getattr(sel, 'dtype', '')} {tuple(getattr(sel, 'shape', ()))}")
+    want = (B if B is not None else sel.shape[0], H if H is not None else sel.shape[1], n_q, n_kb)
+    if tuple(sel.shape) != want:
+        raise ValueError(f"sel.shape={tuple(sel.shape)} must be (B, H, N, ceil({n_kv=} / {block_kv=})) = {want}")
+    if pattern is not None:
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a headwise Pattern or None, got {pattern!r}")
+        pattern.check(n_q, n_kv)
+
+
+def token_selection_mask(sel: Tensor, n_kv: int, *, block_kv: int, pattern: Pattern | None = None) -> Tensor:
+    """The dense boolean mask ``[B, H, N, n_kv]`` of a per-query block selection (the reference; O(N M) memory)."""
+    _check_token_selection(sel, sel.shape[2] if isinstance(sel, Tensor) and sel.dim() == 4 else 0, n_kv, block_kv,
+                           pattern)
+    mask = sel.repeat_interleave(block_kv, dim=-1)[..., :n_kv]  # (B, H, N, M)
+    if pattern is not None:
+        mask = mask & pattern.dense_mask(sel.shape[2], n_kv, device=mask.device)  # (H or 1, N, M)
+    return mask
+
+
+def token_block_attention(q: Tensor, k: Tensor, v: Tensor, sel: Tensor, *, block_kv: int,
+                          pattern: Pattern | None = None, scale: float | None = None, return_lse: bool = False,
+                          backend: str = "auto"):
+    """Attention over key blocks chosen per query (MoBA, VMoBA): query ``i`` attends key ``j`` iff
+    ``sel[b, h, i, j // block_kv]`` and ``pattern.mask(i, j)`` (when given); rows with no key give zeros.
+
+    The kernel runs the row-major layout (module docstring): every selected (query, block) pair is a virtual
+    row, the rows of one key block form the tiles of one GEMM against that block, and a query's rows merge by
+    the log-sum-exp. Same arguments as :func:`block_select_attention`, with ``sel`` bool
+    ``[B, H, N, ceil(M / block_kv)]`` in place of ``kv_blocks`` / ``row_mask``; ``"reference"`` materializes
+    :func:`token_selection_mask`. A ``sel`` that is a transposed view of a contiguous ``[B, H, blocks, N]``
+    tensor (as :func:`headwise.selection.moba_select` returns) is used without a copy.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown {backend=}; valid: {', '.join(map(repr, _BACKENDS))}")
+    check_qkv(q, k, v, None, scale)
+    B, H, N, _ = q.shape
+    M = k.shape[2]
+    _check_token_selection(sel, N, M, block_kv, pattern, B, H)
+    sel = sel.to(q.device)
+    scale = default_scale(q, scale)
+    if backend == "reference":
+        out, lse = masked_attention(q, k, v, token_selection_mask(sel, M, block_kv=block_kv, pattern=pattern), scale)
+    elif _kernel_applies(q, pattern):
+        kv_bounds, pieces = _kv_tiles(M, block_kv)
+        table = sel.transpose(-1, -2).reshape(B * H, sel.shape[-1], N)  # (BH, nKB, N)
+        out, lse = _kernel_path(q, k, v, _row_major_table(table, B, H, M, pieces, pattern), kv_bounds, scale)
+    else:
+        def rows_mask(r0, r1):  # (B, H, r1 - r0, M)
+            return sel[:, :, r0:r1].repeat_interleave(block_kv, dim=-1)[..., :M]
+
+        out, lse = _chunked_path(q, k, v, rows_mask, 1, pattern, scale)
     return (out, lse) if return_lse else out
 
 
@@ -133,17 +206,16 @@ def _kernel_applies(q: Tensor, pattern: Pattern | None) -> bool:
             and extension() is not None)
 
 
-def _chunked_path(q, k, v, kv_blocks, block_q, block_kv, row_mask, pattern, scale, max_elems=1 << 24):
-    """Masked dense attention over query chunks (whole query blocks): O(chunk x M) memory; any device."""
+def _chunked_path(q, k, v, rows_mask, step, pattern, scale, max_elems=1 << 24):
+    """Masked dense attention over query chunks (multiples of ``step`` rows; ``rows_mask(r0, r1)`` gives the
+    selection's ``[B, H, r1 - r0, M]`` mask): O(chunk x M) memory; any device."""
     B, H, N, _ = q.shape
     M = k.shape[2]
-    blocks_per = max(1, max_elems // max(1, B * H * block_q * M))
+    rows = step * max(1, max_elems // max(1, B * H * step * M))
     outs, lses = [], []
-    for b0 in range(0, kv_blocks.shape[2], blocks_per):
-        b1 = min(b0 + blocks_per, kv_blocks.shape[2])
-        r0, r1 = b0 * block_q, min(b1 * block_q, N)
-        rm = None if row_mask is None else row_mask[:, :, b0:b1]
-        mask = selection_mask(kv_blocks[:, :, b0:b1], r1 - r0, M, block_q=block_q, block_kv=block_kv, row_mask=rm)
+    for r0 in range(0, N, rows):
+        r1 = min(r0 + rows, N)
+        mask = rows_mask(r0, r1)  # (B, H, r1 - r0, M)
         if pattern is not None:
             mask = mask & pattern.rows_mask(torch.arange(r0, r1, device=q.device), M)  # (B, H, c, M)
         o, l = masked_attention(q[:, :, r0:r1], k, v, mask, scale)
@@ -178,14 +250,7 @@ def _dedupe(kv_blocks: Tensor) -> Tensor:
     return key.masked_fill(key == big, -1)
 
 
-def _kernel_path(q, k, v, kv_blocks, block_q, block_kv, row_mask, pattern, scale):
-    B, H, N, _ = q.shape
-    M = k.shape[2]
-    kv_bounds, pieces = _kv_tiles(M, block_kv)
-    if row_mask is None:
-        sched = _block_major(_dedupe(kv_blocks), N, M, block_q, block_kv, pieces, kv_bounds, pattern)
-    else:
-        sched = _row_major(kv_blocks, row_mask, N, M, block_q, pieces, pattern)
+def _kernel_path(q, k, v, sched, kv_bounds, scale):
     dtype = q.dtype
     work = (lambda t: t) if dtype in (torch.float32, torch.float64) else (lambda t: t.float())
     out, lse = _GroupedKernel.apply(work(q), work(k), work(v), sched, kv_bounds, scale)
@@ -220,11 +285,8 @@ def _ascending(tiles: Tensor) -> Tensor:
 
 
 def _row_major(kv_blocks, row_mask, N, M, block_q, pieces, pattern):
-    """Virtual rows = selected (query, key block) pairs, grouped by key block into tiles of <= _ROWS rows.
-
-    The selection is scattered into a dense ``[B * H, key blocks, N]`` table (a repeated slot ORs in), whose
-    non-zeros come out in (group, key block, query) order: no sort and no de-duplication are needed.
-    """
+    """Virtual rows = selected (query, key block) pairs: the selection scattered into a dense ``[B * H, key
+    blocks, N]`` table (a repeated slot ORs in), scheduled by :func:`_row_major_table`."""
     B, H, n_qb, S = kv_blocks.shape
     BH = B * H
     n_kb = max(1, int(kv_blocks.max()) + 1)
@@ -232,45 +294,30 @@ def _row_major(kv_blocks, row_mask, N, M, block_q, pieces, pattern):
     index = index[..., None].expand(BH, S, n_qb, block_q)
     src = row_mask.reshape(BH, n_qb, S, block_q).transpose(1, 2).to(torch.int32)  # (BH, S, nQB, bq)
     table = torch.zeros(BH, n_kb + 1, n_qb, block_q, dtype=torch.int32).scatter_add_(1, index, src)
-    sel = table[:, :n_kb].reshape(BH, n_kb, n_qb * block_q)[..., :N] > 0  # (BH, nKB, N)
-    rank = sel.cumsum(1, dtype=torch.int32) - 1  # k-th selected block of each query (ascending block order)
-    g, blk, qry = sel.nonzero(as_tuple=True)  # sorted by (group, key block, query)
-    key = g * n_kb + blk
-    counts = torch.bincount(g, minlength=BH)  # (BH,) virtual rows per group
-    start = torch.cumsum(counts, 0) - counts
-    vrow = torch.arange(g.numel()) - start[g]  # virtual row index inside its group
-    Nv = int(counts.max()) + 1 if g.numel() else 1  # the last row of every group is padding: out 0, lse -inf
-    s_max = max(1, int(rank[:, -1].max()) + 1)  # most blocks one query selected
-    vq = torch.zeros(BH, Nv, dtype=torch.long)  # query index of every virtual row
-    vq[g, vrow] = qry
-    row_bounds = torch.zeros(BH, Nv, 2, dtype=torch.long)  # padding rows see nothing
-    row_bounds[g, vrow] = _row_bounds(qry, M, pattern)
-    slots = torch.full((BH, N * s_max), Nv - 1, dtype=torch.long)  # (query, k-th selection) -> virtual row
-    slots[g, qry * s_max + rank[g, blk, qry].long()] = vrow
-    # tiles: the rows of one (group, key block) in runs of <= _ROWS
-    per_block = torch.bincount(key, minlength=BH * n_kb)  # (BH * nKB,)
-    n_tiles = (per_block + _ROWS - 1) // _ROWS
-    tile_gb = torch.repeat_interleave(torch.arange(BH * n_kb), n_tiles)  # (T,)
-    tile_g, tile_b = tile_gb // n_kb, tile_gb % n_kb
-    tiles_per_group = n_tiles.view(BH, n_kb).sum(1)
-    t_rank = torch.arange(tile_gb.numel()) - (torch.cumsum(tiles_per_group, 0) - tiles_per_group)[tile_g]
-    k_in = torch.arange(tile_gb.numel()) - (torch.cumsum(n_tiles, 0) - n_tiles)[tile_gb]
-    first = (torch.cumsum(per_block, 0) - per_block) - start.repeat_interleave(n_kb)  # first row of (g, b) in g
-    nQT = max(1, int(tiles_per_group.max()))
-    q_bounds = counts[:, None].expand(BH, nQT + 1).clone()  # after a group's last tile: empty padding tiles
-    q_bounds[tile_g, t_rank] = first[tile_gb] + k_in * _ROWS
-    tiles = torch.full((BH, nQT, pieces), -1, dtype=torch.long)
-    tiles[tile_g, t_rank] = tile_b[:, None] * pieces + torch.arange(pieces)
-    return _Schedule(q_bounds, tiles, row_bounds, vq, slots.view(B, H, N, s_max))
+    table = table[:, :n_kb].reshape(BH, n_kb, n_qb * block_q)[..., :N] > 0  # (BH, nKB, N)
+    return _row_major_table(table, B, H, M, pieces, pattern)
+
+
+def _row_major_table(table: Tensor, B: int, H: int, M: int, pieces: int, pattern) -> "_Schedule":
+    """The kernel's row-major schedule of ``table`` bool ``[B * H, key blocks, N]`` (query ``n`` visits block
+    ``b``): virtual rows grouped by key block into tiles of <= _VROWS rows, so each tile is one GEMM against one
+    contiguous key block and no unselected pair is computed (built by the extension's ``row_major_schedule``)."""
+    N = table.shape[-1]
+    offset = 0 if pattern is None else pattern.offset
+    q_bounds, tiles, row_bounds, vq, slots = extension().row_major_schedule(
+        table.contiguous(), _VROWS, pieces, M, pattern is not None, offset)
+    return _Schedule(q_bounds, tiles, row_bounds, vq, slots.view(B, H, N, -1))
 
 
 class _Schedule:
     """Grouped kernel inputs: q_bounds [G, nQT + 1], kv_tiles [G, nQT, V], row_bounds [G, Nv, 2] or None, and
     (row-major layout) ``vq`` [B * H, Nv], the query of every virtual row, and ``slots`` [B, H, N, s_max], the
-    virtual rows of every query (the padding row ``Nv - 1`` where it selected fewer)."""
+    virtual rows of every query (the padding row ``Nv - 1`` where it selected fewer); ``q_index`` is ``vq`` for
+    the kernel (empty for the block-major layout)."""
 
     def __init__(self, q_bounds, kv_tiles, row_bounds, vq, slots):
         self.q_bounds, self.kv_tiles, self.vq, self.slots = q_bounds, kv_tiles, vq, slots
+        self.q_index = _EMPTY if vq is None else vq.contiguous()
         self.rb = torch.empty(0, dtype=torch.long) if row_bounds is None else row_bounds.contiguous()
         self.part_idx = torch.full_like(kv_tiles, -1)  # no element masks: row bounds do the token-level part
         self.part_mask = torch.zeros(0, 1, 1, dtype=torch.bool)
@@ -281,10 +328,11 @@ class _GroupedKernel(torch.autograd.Function):
     def forward(ctx, q, k, v, sched: _Schedule, kv_bounds, scale):
         B, H, N, D = q.shape
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        qv = q if sched.vq is None else take_rows(q, sched.vq)  # (B, H, Nv, D)
-        out_v, lse_v = extension().forward_grouped(qv, k, v, sched.q_bounds, kv_bounds, sched.kv_tiles,
-                                                   sched.part_idx, sched.part_mask, sched.rb, scale)
-        out, lse = (out_v, lse_v) if sched.vq is None else _merge_rows(out_v, lse_v, sched.slots)
+        ext = extension()
+        out, lse = ext.forward_grouped(q, k, v, sched.q_bounds, kv_bounds, sched.kv_tiles, sched.part_idx,
+                                       sched.part_mask, sched.rb, scale, sched.q_index)  # rows or virtual rows
+        if sched.vq is not None:  # virtual rows (B, H, Nv, Dv) -> queries (B, H, N, Dv) by the lse merge
+            out, lse = ext.merge_rows(out, lse, sched.slots)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.sched, ctx.kv_bounds, ctx.scale = sched, kv_bounds, scale
         return out, lse
@@ -297,31 +345,12 @@ class _GroupedKernel(torch.autograd.Function):
         delta = (dout * out).sum(-1)  # (B, H, N)
         if dlse is not None:
             delta = delta - dlse
-        lse_safe = lse.masked_fill(torch.isinf(lse), -1e30)
-        qv, dout_v, lse_v, delta_v = q, dout, lse_safe, delta
-        if s.vq is not None:
-            qv, dout_v = take_rows(q, s.vq), take_rows(dout, s.vq)
-            lse_v, delta_v = take_rows(lse_safe, s.vq), take_rows(delta, s.vq)
-        dqv, dk, dv = extension().backward_grouped(qv, k, v, dout_v.contiguous(), lse_v.contiguous(),
-                                                   delta_v.contiguous(), s.q_bounds, ctx.kv_bounds, s.kv_tiles,
-                                                   s.part_idx, s.part_mask, s.rb, ctx.scale)
-        dq = dqv if s.vq is None else _per_query(dqv, s.slots).sum(-2)
+        lse_safe = lse.masked_fill(torch.isinf(lse), -1e30).contiguous()
+        ext = extension()
+        dq, dk, dv = ext.backward_grouped(q, k, v, dout, lse_safe, delta.contiguous(), s.q_bounds, ctx.kv_bounds,
+                                          s.kv_tiles, s.part_idx, s.part_mask, s.rb, ctx.scale, s.q_index)
+        if s.vq is not None:  # per virtual row (B, H, Nv, D) -> per query: the sum over its rows
+            dq = ext.merge_rows(dq, _EMPTY, s.slots)[0]
         return dq, dk, dv, None, None, None
 
 
-def _per_query(xv: Tensor, slots: Tensor) -> Tensor:
-    """Virtual rows ``[B, H, Nv, F]`` -> ``[B, H, N, s_max, F]``, one slot per selection of each query."""
-    B, H, N, S = slots.shape
-    return take_rows(xv, slots.view(B * H, N * S)).unflatten(2, (N, S))
-
-
-def _merge_rows(out_v: Tensor, lse_v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-    """Log-sum-exp merge of the virtual rows of each query: ``(out [B, H, N, Dv], lse [B, H, N])``."""
-    lse_s = _per_query(lse_v, slots)  # (B, H, N, s_max)
-    m = lse_s.amax(-1, keepdim=True).clamp_min(torch.finfo(lse_s.dtype).min)  # (B, H, N, 1); finite
-    w = torch.exp(lse_s - m)  # (B, H, N, s_max); 0 on padding slots
-    total = w.sum(-1, keepdim=True)  # (B, H, N, 1); 0 where nothing was selected
-    lse = torch.where(total > 0, m + torch.log(total), torch.full_like(m, float("-inf")))[..., 0]  # (B, H, N)
-    w = w / total.clamp_min(torch.finfo(w.dtype).tiny)
-    out = torch.matmul(w[..., None, :], _per_query(out_v, slots))[..., 0, :]  # (B, H, N, Dv)
-    return out, lse

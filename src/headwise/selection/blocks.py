@@ -112,7 +112,10 @@ def moba_select(q: Tensor, k: Tensor, *, block: int, topk: int, causal: bool = T
     other block), the ``topk - 1`` with the highest gate; so ``topk`` counts the own block. Inside the own block
     the caller applies the token-level causal mask.
 
-    Returns a bool ``[B, H, N, ceil(N / block)]``: query ``i`` visits block ``c``.
+    Returns a bool ``[B, H, N, ceil(N / block)]``: query ``i`` visits block ``c``. It is the transposed view of a
+    contiguous ``[B, H, blocks, N]`` tensor: the gates are computed block-major, so that every step reduces over
+    the short block axis across long rows of queries (several times faster than per-query rows of a few blocks),
+    and :func:`headwise.core.dynamic.token_block_attention` takes that layout as it is.
     """
     _check_qk(q, k)
     _check_int("block", block)
@@ -122,17 +125,17 @@ def moba_select(q: Tensor, k: Tensor, *, block: int, topk: int, causal: bool = T
     B, H, N, _ = q.shape
     means = _per_query_head(block_means(k, block), H)  # (B, H, nKB, D)
     n_kb = means.shape[2]
-    gate = q @ means.transpose(-1, -2)  # (B, H, N, nKB)
     own = torch.arange(N, device=q.device) // block  # (N,)
     blocks = torch.arange(n_kb, device=q.device)
-    valid = blocks[None, :] < own[:, None] if causal else blocks[None, :] != own[:, None]  # (N, nKB)
-    others = min(topk - 1, n_kb - 1)
-    sel = torch.zeros(B, H, N, n_kb, dtype=torch.bool, device=q.device)
-    if others > 0:
-        idx = _first_by_score(gate.masked_fill(~valid, float("-inf")), others)  # (B, H, N, others)
-        sel.scatter_(-1, idx, valid.expand(B, H, N, n_kb).gather(-1, idx))
-    sel[..., torch.arange(N, device=q.device), own] = True
-    return sel
+    valid = blocks[:, None] < own[None, :] if causal else blocks[:, None] != own[None, :]  # (nKB, N)
+    score = (means @ q.transpose(-1, -2)).masked_fill_(~valid, float("-inf"))  # (B, H, nKB, N)
+    table = torch.zeros(B, H, n_kb + 1, N, dtype=torch.bool, device=q.device)  # row n_kb: "nothing left"
+    for _ in range(min(topk - 1, n_kb - 1)):
+        best, idx = score.max(dim=2, keepdim=True)  # (B, H, 1, N); the first maximum: ties to the lower block
+        table.scatter_(2, idx.masked_fill(best == float("-inf"), n_kb), True)
+        score.scatter_(2, idx, float("-inf"))
+    table[:, :, own, torch.arange(N, device=q.device)] = True
+    return table[:, :, :n_kb].transpose(-1, -2)  # (B, H, N, nKB), a view
 
 
 # ---- VMoBA ----------------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ Registered here:
 One functional core per method (:func:`moba_attention`, :func:`vmoba_attention`, :func:`hip_attention`, on
 ``[B, H, N, D]`` heads): the selection functions of :mod:`headwise.selection.blocks` choose the blocks (under
 ``torch.no_grad``: the selection is not differentiated, as in the papers, which train through the attention over
-the chosen blocks), and :func:`headwise.core.dynamic.block_select_attention` attends over exactly those blocks on
-the block-sparse engine, so the work follows the selection. The modules are :class:`MultiHeadAttention`'s
+the chosen blocks), and :func:`headwise.core.dynamic.token_block_attention` (MoBA, VMoBA: per-query selections)
+or :func:`~headwise.core.dynamic.block_select_attention` (HiP: per-query-block selections) attends over exactly
+those blocks on the block-sparse engine, so the work follows the selection. The modules are :class:`MultiHeadAttention`'s
 projections around them (``module.mha``; self-attention, ``[B, N, C] -> [B, N, C]``; GQA/MQA through ``kv_heads``).
 """
 
@@ -27,10 +28,10 @@ import torch
 from torch import Tensor
 
 from headwise.core.dynamic import _BACKENDS as DYNAMIC_BACKENDS
-from headwise.core.dynamic import block_select_attention
+from headwise.core.dynamic import block_select_attention, token_block_attention
 from headwise.patterns import Causal
 from headwise.selection.blocks import (
-    VMOBA_PARTITIONS, blocks_from_token_selection, hip_select, moba_select, vmoba_layer_partition, vmoba_partition,
+    VMOBA_PARTITIONS, hip_select, moba_select, vmoba_layer_partition, vmoba_partition,
     vmoba_select,
 )
 from headwise.variants.checks import check_bool, check_positive_int
@@ -51,14 +52,14 @@ def moba_attention(q: Tensor, k: Tensor, v: Tensor, *, block: int = 512, topk: i
 
     Each query attends to the tokens of its ``topk`` selected key blocks (:func:`~headwise.selection.moba_select`:
     own block + the ``topk - 1`` best earlier blocks by ``q . mean(block keys)``), with the token-level causal mask
-    when ``causal``. ``return_selection`` also returns ``(kv_blocks, row_mask)`` as passed to the engine.
+    when ``causal``. ``return_selection`` also returns the selection, bool ``[B, H, N, ceil(N / block)]`` as
+    passed to the engine (:func:`~headwise.core.dynamic.token_block_attention`).
     """
     with torch.no_grad():
         sel = moba_select(q.detach(), k.detach(), block=block, topk=topk, causal=causal)  # (B, H, N, nKB)
-        kv_blocks, row_mask = blocks_from_token_selection(sel, block)
-    out = block_select_attention(q, k, v, kv_blocks, block_q=block, block_kv=block, row_mask=row_mask,
-                                 pattern=Causal() if causal else None, scale=scale, backend=backend)
-    return _finish(out, (kv_blocks, row_mask), return_selection)
+    out = token_block_attention(q, k, v, sel, block_kv=block, pattern=Causal() if causal else None, scale=scale,
+                                backend=backend)
+    return _finish(out, sel, return_selection)
 
 
 def vmoba_attention(q: Tensor, k: Tensor, v: Tensor, *, grid: tuple[int, int, int], partition: str = "1d",
@@ -70,7 +71,7 @@ def vmoba_attention(q: Tensor, k: Tensor, v: Tensor, *, grid: tuple[int, int, in
     :func:`~headwise.selection.vmoba_partition`), blocks are selected by :func:`~headwise.selection.vmoba_select`
     (``selection``, ``scope``, ``tau``, ``topk``), attention runs over the selected blocks and the output is put back
     in the grid order. ``q`` ``[B, H, N, D]``, ``k``, ``v`` ``[B, H_kv, N, D]`` -> ``[B, H, N, Dv]``.
-    ``return_selection`` also returns ``(kv_blocks, row_mask)`` (in the partition's token order).
+    ``return_selection`` also returns the selection bool ``[B, H, N, blocks]`` (in the partition's token order).
     """
     perm, size = vmoba_partition(grid, partition, block)
     N = q.shape[2]
@@ -82,12 +83,10 @@ def vmoba_attention(q: Tensor, k: Tensor, v: Tensor, *, grid: tuple[int, int, in
         q, k, v = (t.index_select(2, perm) for t in (q, k, v))  # block order
     with torch.no_grad():
         sel = vmoba_select(q.detach(), k.detach(), block=size, selection=selection, scope=scope, tau=tau, topk=topk)
-        kv_blocks, row_mask = blocks_from_token_selection(sel, size)
-    out = block_select_attention(q, k, v, kv_blocks, block_q=size, block_kv=size, row_mask=row_mask, scale=scale,
-                                 backend=backend)  # (B, H, N, Dv) in block order
+    out = token_block_attention(q, k, v, sel, block_kv=size, scale=scale, backend=backend)  # (B, H, N, Dv) block order
     if moved:
         out = out.index_select(2, torch.argsort(perm))  # back to the grid order
-    return _finish(out, (kv_blocks, row_mask), return_selection)
+    return _finish(out, sel, return_selection)
 
 
 def hip_attention(q: Tensor, k: Tensor, v: Tensor, *, block: int = 64, topk: int = 8, window: int = 2,

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 // Fortran BLAS from the MKL that libtorch_cpu links and exports (column-major, 32-bit ints).
@@ -102,15 +103,24 @@ struct Chunk {
   int64_t width = 0;
 };
 
-// Cut the visited tiles of one query tile into chunks of <= kChunk keys.
-std::vector<Chunk> make_chunks(const int64_t* tiles, const int64_t* pidx, int64_t V, const int64_t* kvb) {
+// Cut the visited tiles of one query tile into chunks of <= kChunk keys. Keys outside [lo, hi), the union of
+// the tile's row bounds, are masked for every row: tiles without an element mask are clipped to it, and tiles
+// wholly outside it are dropped (a causal diagonal block costs about half).
+std::vector<Chunk> make_chunks(const int64_t* tiles, const int64_t* pidx, int64_t V, const int64_t* kvb,
+                               int64_t lo = 0, int64_t hi = std::numeric_limits<int64_t>::max()) {
   std::vector<Chunk> chunks;
   Chunk cur;
   for (int64_t j = 0; j < V; ++j) {
     const int64_t t = tiles[j];
     if (t < 0) break;
-    const int64_t s = kvb[t], len = kvb[t + 1] - kvb[t];
+    int64_t s = kvb[t], len = kvb[t + 1] - kvb[t];
     TORCH_CHECK(len <= kChunk, "key tiles must hold at most ", kChunk, " keys, got ", len);
+    if (s >= hi || s + len <= lo) continue;
+    if (pidx[j] < 0) {
+      const int64_t e = std::min(s + len, hi);
+      s = std::max(s, lo);
+      len = e - s;
+    }
     if (cur.width > 0 && cur.width + len > kChunk) {
       chunks.push_back(std::move(cur));
       cur = Chunk();
@@ -159,6 +169,27 @@ inline void chunk_scores(const Chunk& c, const T* Q, const T* K, int64_t rows, i
       }
     }
   }
+}
+
+// The union [lo, hi) of the row bounds of `rows` rows (everything when there are none).
+inline std::pair<int64_t, int64_t> bounds_union(const int64_t* rbounds, int64_t rows) {
+  if (rbounds == nullptr) return {0, std::numeric_limits<int64_t>::max()};
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (rbounds[2 * r] >= rbounds[2 * r + 1]) continue;  // a row that sees nothing
+    lo = std::min(lo, rbounds[2 * r]);
+    hi = std::max(hi, rbounds[2 * r + 1]);
+  }
+  return {std::min(lo, hi), hi};
+}
+
+// Rows r0 .. r0 + rows of a (batch, head)'s query rows: the rows themselves, or (q_index given: virtual rows)
+// the rows q_index names, copied into buf. src: that (batch, head)'s [rows, F] matrix.
+template <typename T>
+inline const T* rows_at(const T* src, int64_t F, const int64_t* q_index, int64_t r0, int64_t rows, T* buf) {
+  if (q_index == nullptr) return src + r0 * F;
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(buf + r * F, src + q_index[r0 + r] * F, F * sizeof(T));
+  return buf;
 }
 
 // Where one (batch, head)'s schedule lives in the grouped tensors (group stride 0 when shared by all).
@@ -210,9 +241,10 @@ void parallel_ranges(int64_t n, const F& f) {
 
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Groups& g,
-                  const at::Tensor& kv_bounds, const at::Tensor& part_mask, double scale, at::Tensor& out,
-                  at::Tensor& lse) {
-  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+                  const at::Tensor& kv_bounds, const at::Tensor& part_mask, double scale, const int64_t* qi,
+                  at::Tensor& out, at::Tensor& lse) {
+  // qi: null, or q_index [B * H, Nv]: row r of (batch, head) bh is query qi[bh * Nv + r] (virtual rows)
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3), Nv = out.size(2);
   const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
   const int64_t group = H / Hkv;
   const int64_t nQT = g.nQT;
@@ -229,20 +261,22 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
   parallel_ranges(B * H * nQT, [&](int64_t begin, int64_t end) {
     const int mkl_prev = MKL_Set_Num_Threads_Local(1);
-    std::vector<T> S(max_rows * kChunk), acc(max_rows * Dv), m(max_rows), l(max_rows);
+    std::vector<T> S(max_rows * kChunk), acc(max_rows * Dv), m(max_rows), l(max_rows), qbuf(qi ? max_rows * D : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qt = item % nQT, bh = item / nQT, b = bh / H, h = bh % H;
       const int64_t* qb = g.bounds(bh);
       const int64_t r0 = qb[qt], rows = qb[qt + 1] - r0;
       if (rows == 0) continue;
-      const T* Q = qp + (bh * Nq + r0) * D;
+      const int64_t* qi_bh = qi ? qi + bh * Nv : nullptr;
+      const T* Q = rows_at(qp + bh * Nq * D, D, qi_bh, r0, rows, qbuf.data());
       const T* K = kp + (b * Hkv + h / group) * Nk * D;
       const T* Vv = vp + (b * Hkv + h / group) * Nk * Dv;
       std::fill(acc.begin(), acc.begin() + rows * Dv, T(0));
       std::fill(m.begin(), m.begin() + rows, masked_value<T>());
       std::fill(l.begin(), l.begin() + rows, T(0));
       const int64_t* rbounds = g.rows_of(bh, r0);
-      for (const Chunk& c : make_chunks(g.tiles_of(bh, qt), g.pidx_of(bh, qt), g.V, kvb)) {
+      const auto [klo, khi] = bounds_union(rbounds, rows);
+      for (const Chunk& c : make_chunks(g.tiles_of(bh, qt), g.pidx_of(bh, qt), g.V, kvb, klo, khi)) {
         const int64_t W = c.width;
         chunk_scores<T>(c, Q, K, rows, D, T(scale), S.data(), pmask, TQ, TK, rbounds);
         for (int64_t r = 0; r < rows; ++r) {
@@ -271,8 +305,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         for (const Segment& s : c.segs)
           gemm_rm<T>(false, false, rows, Dv, s.len, T(1), S.data() + s.col, W, Vv + s.start * Dv, Dv, T(1), acc.data(), Dv);
       }
-      T* O = op + (bh * Nq + r0) * Dv;
-      T* L = lp + bh * Nq + r0;
+      T* O = op + (bh * Nv + r0) * Dv;
+      T* L = lp + bh * Nv + r0;
       for (int64_t r = 0; r < rows; ++r) {
         const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
         for (int64_t x = 0; x < Dv; ++x) O[r * Dv + x] = acc[r * Dv + x] * inv;
@@ -286,10 +320,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 template <typename T>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
                    const at::Tensor& lse, const at::Tensor& delta, const Groups& g,
-                   const at::Tensor& kv_bounds, const at::Tensor& part_mask, double scale, at::Tensor& dq,
-                   at::Tensor& dk_all, at::Tensor& dv_all) {
+                   const at::Tensor& kv_bounds, const at::Tensor& part_mask, double scale, const int64_t* qi,
+                   at::Tensor& dq, at::Tensor& dk_all, at::Tensor& dv_all) {
   // dk_all / dv_all: [threads, B, Hkv, Nk, D or Dv], one private accumulator per thread, summed by the caller.
-  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  // qi as in forward_impl: q, dout, lse and delta are per query, dq [B, H, Nv, D] per virtual row.
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3), Nv = dq.size(2);
   const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
   const int64_t group = H / Hkv;
   const int64_t nQT = g.nQT;
@@ -314,6 +349,8 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   parallel_ranges(n_slots, [&](int64_t sbegin, int64_t send) {
     const int mkl_prev = MKL_Set_Num_Threads_Local(1);
     std::vector<T> P(max_rows * kChunk), dP(max_rows * kChunk);
+    std::vector<T> qbuf(qi ? max_rows * D : 0), dobuf(qi ? max_rows * Dv : 0), lbuf(qi ? max_rows : 0),
+        dlbuf(qi ? max_rows : 0);
     for (int64_t slot = sbegin; slot < send; ++slot) {
       T* DK = dkp + slot * dk_slot;
       T* DV = dvp + slot * dv_slot;
@@ -324,17 +361,19 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const int64_t r0 = qb[qt], rows = qb[qt + 1] - r0;
         if (rows == 0) continue;
         const int64_t kvh = b * Hkv + h / group;
-        const T* Q = qp + (bh * Nq + r0) * D;
-        const T* dO = dop + (bh * Nq + r0) * Dv;
-        const T* L = lp + bh * Nq + r0;
-        const T* Dl = dlp + bh * Nq + r0;
-        T* dQ = dqp + (bh * Nq + r0) * D;
+        const int64_t* qi_bh = qi ? qi + bh * Nv : nullptr;
+        const T* Q = rows_at(qp + bh * Nq * D, D, qi_bh, r0, rows, qbuf.data());
+        const T* dO = rows_at(dop + bh * Nq * Dv, Dv, qi_bh, r0, rows, dobuf.data());
+        const T* L = rows_at(lp + bh * Nq, int64_t(1), qi_bh, r0, rows, lbuf.data());
+        const T* Dl = rows_at(dlp + bh * Nq, int64_t(1), qi_bh, r0, rows, dlbuf.data());
+        T* dQ = dqp + (bh * Nv + r0) * D;
         const T* K = kp + kvh * Nk * D;
         const T* Vv = vp + kvh * Nk * Dv;
         T* dK = DK + kvh * Nk * D;
         T* dV = DV + kvh * Nk * Dv;
         const int64_t* rbounds = g.rows_of(bh, r0);
-        for (const Chunk& c : make_chunks(g.tiles_of(bh, qt), g.pidx_of(bh, qt), g.V, kvb)) {
+        const auto [klo, khi] = bounds_union(rbounds, rows);
+        for (const Chunk& c : make_chunks(g.tiles_of(bh, qt), g.pidx_of(bh, qt), g.V, kvb, klo, khi)) {
           const int64_t W = c.width;
           chunk_scores<T>(c, Q, K, rows, D, T(scale), P.data(), pmask, TQ, TK, rbounds);
           for (int64_t r = 0; r < rows; ++r) {
@@ -371,7 +410,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_bounds,
                   const at::Tensor& kv_bounds, const at::Tensor& kv_tiles, const at::Tensor& part_idx,
-                  const at::Tensor& part_mask, const at::Tensor& row_bounds) {
+                  const at::Tensor& part_mask, const at::Tensor& row_bounds, const at::Tensor& q_index) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "dtype mismatch");
@@ -384,22 +423,45 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t BH = q.size(0) * q.size(1);
   TORCH_CHECK(q_bounds.size(0) == 1 || q_bounds.size(0) == BH, "q_bounds groups must be 1 or B * H");
   TORCH_CHECK(kv_tiles.size(0) == 1 || kv_tiles.size(0) == BH, "kv_tiles groups must be 1 or B * H");
+  const int64_t rows = q_index.numel() ? q_index.size(1) : q.size(2);  // rows of the schedule (virtual rows)
+  if (q_index.numel()) {
+    TORCH_CHECK(q_index.scalar_type() == at::kLong && q_index.dim() == 2 && q_index.is_contiguous() &&
+                q_index.size(0) == BH, "q_index must be a contiguous int64 [B * H, Nv]");
+    TORCH_CHECK(q_index.min().item<int64_t>() >= 0 && q_index.max().item<int64_t>() < q.size(2),
+                "q_index values must be in [0, Nq)");
+  }
   if (row_bounds.numel()) {
     TORCH_CHECK(row_bounds.scalar_type() == at::kLong && row_bounds.dim() == 3 && row_bounds.is_contiguous() &&
-                row_bounds.size(1) == q.size(2) && row_bounds.size(2) == 2, "bad row_bounds");
+                row_bounds.size(1) == rows && row_bounds.size(2) == 2, "bad row_bounds");
     TORCH_CHECK(row_bounds.size(0) == 1 || row_bounds.size(0) == BH, "row_bounds groups must be 1 or B * H");
   }
 }
 
+// q_index (empty: none) [B * H, Nv]: the schedule's rows are virtual rows, row r of (batch, head) bh reading
+// query q_index[bh, r]; out and lse then hold Nv rows.
 std::vector<at::Tensor> forward_grouped(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_bounds,
                                         at::Tensor kv_bounds, at::Tensor kv_tiles, at::Tensor part_idx,
-                                        at::Tensor part_mask, at::Tensor row_bounds, double scale) {
-  check_inputs(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask, row_bounds);
-  const Groups g(q_bounds, kv_tiles, part_idx, row_bounds, q.size(2));
-  auto out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  auto lse = at::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(), q.options());
+                                        at::Tensor part_mask, at::Tensor row_bounds, double scale,
+                                        at::Tensor q_index) {
+  check_inputs(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask, row_bounds, q_index);
+  const int64_t rows = q_index.numel() ? q_index.size(1) : q.size(2);
+  const Groups g(q_bounds, kv_tiles, part_idx, row_bounds, rows);
+  // Every row inside a schedule's tiles is written by the kernel; only the rows outside them are filled here
+  // (a large zero-filled buffer costs as much as the merge).
+  auto out = at::empty({q.size(0), q.size(1), rows, v.size(3)}, q.options());
+  auto lse = at::empty({q.size(0), q.size(1), rows}, q.options());
+  const int64_t BH = q.size(0) * q.size(1);
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const int64_t* qb = g.bounds(bh);
+    for (const auto& [r0, r1] : {std::pair<int64_t, int64_t>{0, qb[0]}, {qb[g.nQT], rows}}) {
+      if (r0 >= r1) continue;
+      out[bh / q.size(1)][bh % q.size(1)].narrow(0, r0, r1 - r0).zero_();
+      lse[bh / q.size(1)][bh % q.size(1)].narrow(0, r0, r1 - r0).fill_(-std::numeric_limits<double>::infinity());
+    }
+  }
+  const int64_t* qi = q_index.numel() ? q_index.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "blocksparse_forward", [&] {
-    forward_impl<scalar_t>(q, k, v, g, kv_bounds, part_mask, scale, out, lse);
+    forward_impl<scalar_t>(q, k, v, g, kv_bounds, part_mask, scale, qi, out, lse);
   });
   return {out, lse};
 }
@@ -407,16 +469,18 @@ std::vector<at::Tensor> forward_grouped(at::Tensor q, at::Tensor k, at::Tensor v
 std::vector<at::Tensor> backward_grouped(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor lse,
                                          at::Tensor delta, at::Tensor q_bounds, at::Tensor kv_bounds,
                                          at::Tensor kv_tiles, at::Tensor part_idx, at::Tensor part_mask,
-                                         at::Tensor row_bounds, double scale) {
-  check_inputs(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask, row_bounds);
+                                         at::Tensor row_bounds, double scale, at::Tensor q_index) {
+  check_inputs(q, k, v, q_bounds, kv_bounds, kv_tiles, part_idx, part_mask, row_bounds, q_index);
   TORCH_CHECK(dout.is_contiguous() && lse.is_contiguous() && delta.is_contiguous(), "dout, lse, delta must be contiguous");
-  const Groups g(q_bounds, kv_tiles, part_idx, row_bounds, q.size(2));
+  const int64_t rows = q_index.numel() ? q_index.size(1) : q.size(2);
+  const Groups g(q_bounds, kv_tiles, part_idx, row_bounds, rows);
   const int64_t slots = std::max<int64_t>(1, at::get_num_threads());
-  auto dq = at::zeros_like(q);
+  auto dq = at::zeros({q.size(0), q.size(1), rows, q.size(3)}, q.options());
+  const int64_t* qi = q_index.numel() ? q_index.data_ptr<int64_t>() : nullptr;
   auto dk_all = at::zeros({slots, k.size(0), k.size(1), k.size(2), k.size(3)}, k.options());
   auto dv_all = at::zeros({slots, v.size(0), v.size(1), v.size(2), v.size(3)}, v.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "blocksparse_backward", [&] {
-    backward_impl<scalar_t>(q, k, v, dout, lse, delta, g, kv_bounds, part_mask, scale, dq, dk_all, dv_all);
+    backward_impl<scalar_t>(q, k, v, dout, lse, delta, g, kv_bounds, part_mask, scale, qi, dq, dk_all, dv_all);
   });
   return {dq, dk_all.sum(0), dv_all.sum(0)};
 }
@@ -425,14 +489,156 @@ std::vector<at::Tensor> backward_grouped(at::Tensor q, at::Tensor k, at::Tensor 
 std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_bounds, at::Tensor kv_bounds,
                                 at::Tensor kv_tiles, at::Tensor part_idx, at::Tensor part_mask, double scale) {
   return forward_grouped(q, k, v, q_bounds.unsqueeze(0), kv_bounds, kv_tiles.unsqueeze(0), part_idx.unsqueeze(0),
-                         part_mask, at::empty({0}, q_bounds.options()), scale);
+                         part_mask, at::empty({0}, q_bounds.options()), scale, at::empty({0}, q_bounds.options()));
 }
 
 std::vector<at::Tensor> backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor lse,
                                  at::Tensor delta, at::Tensor q_bounds, at::Tensor kv_bounds, at::Tensor kv_tiles,
                                  at::Tensor part_idx, at::Tensor part_mask, double scale) {
   return backward_grouped(q, k, v, dout, lse, delta, q_bounds.unsqueeze(0), kv_bounds, kv_tiles.unsqueeze(0),
-                          part_idx.unsqueeze(0), part_mask, at::empty({0}, q_bounds.options()), scale);
+                          part_idx.unsqueeze(0), part_mask, at::empty({0}, q_bounds.options()), scale,
+                          at::empty({0}, q_bounds.options()));
+}
+
+// Per query, combine its virtual rows: slots [B, H, N, S] name them (a padding slot names a row with lse -inf).
+// With lse_v: the log-sum-exp merge of partial softmaxes, out = sum_s exp(lse_s - lse) x_s and
+// lse = log sum_s exp(lse_s) (-inf and a zero row where nothing was visible). Without (empty): the plain sum
+// (the backward's dq), lse undefined.
+template <typename T>
+void merge_impl(const at::Tensor& xv, const at::Tensor& lse_v, const at::Tensor& slots, at::Tensor& out,
+                at::Tensor& lse) {
+  const int64_t BH = xv.size(0) * xv.size(1), Nv = xv.size(2), F = xv.size(3);
+  const int64_t N = slots.size(2), S = slots.size(3);
+  const T* xp = xv.data_ptr<T>();
+  const T* lv = lse_v.numel() ? lse_v.data_ptr<T>() : nullptr;
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  T* lp = lv ? lse.data_ptr<T>() : nullptr;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  parallel_ranges(BH * N, [&](int64_t begin, int64_t end) {
+    std::vector<T> w(S);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / N;
+      const int64_t* sl = sp + item * S;
+      const T* X = xp + bh * Nv * F;
+      T* O = op + item * F;
+      std::fill(O, O + F, T(0));
+      if (lv == nullptr) {
+        for (int64_t s = 0; s < S; ++s) {
+          const T* x = X + sl[s] * F;
+          for (int64_t f = 0; f < F; ++f) O[f] += x[f];
+        }
+        continue;
+      }
+      T mx = neg_inf;
+      for (int64_t s = 0; s < S; ++s) mx = std::max(mx, lv[bh * Nv + sl[s]]);
+      if (mx == neg_inf) {
+        lp[item] = neg_inf;
+        continue;
+      }
+      T total = 0;
+      for (int64_t s = 0; s < S; ++s) total += (w[s] = std::exp(lv[bh * Nv + sl[s]] - mx));
+      for (int64_t s = 0; s < S; ++s) {
+        const T ws = w[s] / total;
+        if (ws == T(0)) continue;
+        const T* x = X + sl[s] * F;
+        for (int64_t f = 0; f < F; ++f) O[f] += ws * x[f];
+      }
+      lp[item] = mx + std::log(total);
+    }
+  });
+}
+
+std::vector<at::Tensor> merge_rows(at::Tensor xv, at::Tensor lse_v, at::Tensor slots) {
+  TORCH_CHECK(xv.dim() == 4 && xv.is_contiguous(), "xv must be a contiguous [B, H, Nv, F]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 4 && slots.is_contiguous() &&
+              slots.size(0) == xv.size(0) && slots.size(1) == xv.size(1), "slots must be a contiguous int64 [B, H, N, S]");
+  TORCH_CHECK(slots.numel() == 0 || (slots.min().item<int64_t>() >= 0 && slots.max().item<int64_t>() < xv.size(2)),
+              "slots values must be in [0, Nv)");
+  if (lse_v.numel())
+    TORCH_CHECK(lse_v.is_contiguous() && lse_v.scalar_type() == xv.scalar_type() && lse_v.dim() == 3 &&
+                lse_v.size(2) == xv.size(2), "lse_v must be a contiguous [B, H, Nv] of xv's dtype");
+  auto out = at::empty({xv.size(0), xv.size(1), slots.size(2), xv.size(3)}, xv.options());
+  auto lse = lse_v.numel() ? at::empty({xv.size(0), xv.size(1), slots.size(2)}, xv.options()) : at::empty({0}, xv.options());
+  AT_DISPATCH_FLOATING_TYPES(xv.scalar_type(), "blocksparse_merge", [&] { merge_impl<scalar_t>(xv, lse_v, slots, out, lse); });
+  return {out, lse};
+}
+
+// The row-major schedule of a per-query block selection (MoBA-style): table bool [G, nKB, N], query n of
+// group g visits key block b. Every selected (query, block) pair becomes a virtual row; a group's rows are
+// ordered by (block, query) and cut into tiles of <= rows_per_tile rows against one block's `pieces` key
+// tiles (ids b * pieces + p). Returns
+//   q_bounds [G, nQT + 1], kv_tiles [G, nQT, pieces] (groups with fewer tiles pad with empty ones),
+//   row_bounds [G, Nv, 2]: [0, M), or causal [0, clamp(n + offset + 1, 0, M)),
+//   vq [G, Nv]: the query of every virtual row, and slots [G, N, S]: the virtual rows of every query in
+//   ascending block order, S the most blocks one query selected.
+// Nv is the largest group's row count plus one: that last row is padding (sees no key; out 0, lse -inf) and
+// fills the unused slots.
+std::vector<at::Tensor> row_major_schedule(at::Tensor table, int64_t rows_per_tile, int64_t pieces, int64_t M,
+                                           bool causal, int64_t offset) {
+  TORCH_CHECK(table.scalar_type() == at::kBool && table.dim() == 3 && table.is_contiguous(),
+              "table must be a contiguous bool [G, nKB, N]");
+  TORCH_CHECK(rows_per_tile > 0 && pieces > 0, "rows_per_tile and pieces must be positive");
+  const int64_t G = table.size(0), nKB = table.size(1), N = table.size(2);
+  const bool* tp = table.data_ptr<bool>();
+  std::vector<int64_t> rows(G, 0), tiles(G, 0), smax(G, 0), per_block(G * nKB, 0);
+  parallel_ranges(G, [&](int64_t begin, int64_t end) {  // pass 1: sizes
+    std::vector<int64_t> per_query(N);
+    for (int64_t g = begin; g < end; ++g) {
+      std::fill(per_query.begin(), per_query.end(), 0);
+      for (int64_t b = 0; b < nKB; ++b) {
+        const bool* row = tp + (g * nKB + b) * N;
+        int64_t c = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          c += row[n];
+          per_query[n] += row[n];
+        }
+        per_block[g * nKB + b] = c;
+        rows[g] += c;
+        tiles[g] += (c + rows_per_tile - 1) / rows_per_tile;
+      }
+      smax[g] = N ? *std::max_element(per_query.begin(), per_query.end()) : 0;
+    }
+  });
+  const int64_t Nv = *std::max_element(rows.begin(), rows.end()) + 1;
+  const int64_t nQT = std::max<int64_t>(1, *std::max_element(tiles.begin(), tiles.end()));
+  const int64_t S = std::max<int64_t>(1, *std::max_element(smax.begin(), smax.end()));
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  auto q_bounds = at::empty({G, nQT + 1}, opts);
+  auto kv_tiles = at::full({G, nQT, pieces}, -1, opts);
+  auto row_bounds = at::zeros({G, Nv, 2}, opts);
+  auto vq = at::zeros({G, Nv}, opts);
+  auto slots = at::full({G, N, S}, Nv - 1, opts);
+  int64_t* qbp = q_bounds.data_ptr<int64_t>();
+  int64_t* ktp = kv_tiles.data_ptr<int64_t>();
+  int64_t* rbp = row_bounds.data_ptr<int64_t>();
+  int64_t* vqp = vq.data_ptr<int64_t>();
+  int64_t* slp = slots.data_ptr<int64_t>();
+  parallel_ranges(G, [&](int64_t begin, int64_t end) {  // pass 2: fill
+    std::vector<int64_t> filled(N);
+    for (int64_t g = begin; g < end; ++g) {
+      std::fill(filled.begin(), filled.end(), 0);
+      int64_t r = 0, t = 0;
+      int64_t* qb = qbp + g * (nQT + 1);
+      for (int64_t b = 0; b < nKB; ++b) {
+        const bool* row = tp + (g * nKB + b) * N;
+        const int64_t first = r;
+        for (int64_t n = 0; n < N; ++n) {
+          if (!row[n]) continue;
+          vqp[g * Nv + r] = n;
+          rbp[(g * Nv + r) * 2 + 1] = causal ? std::clamp<int64_t>(n + offset + 1, 0, M) : M;
+          slp[(g * N + n) * S + filled[n]++] = r;
+          ++r;
+        }
+        for (int64_t s0 = first; s0 < r; s0 += rows_per_tile, ++t) {
+          qb[t] = s0;
+          for (int64_t p = 0; p < pieces; ++p) ktp[(g * nQT + t) * pieces + p] = b * pieces + p;
+        }
+      }
+      for (; t <= nQT; ++t) qb[t] = r;  // the end of the last tile, then empty padding tiles
+    }
+  });
+  return {q_bounds, kv_tiles, row_bounds, vq, slots};
 }
 
 }  // namespace
@@ -444,4 +650,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv)");
   m.def("forward_grouped", &forward_grouped, "forward with per-(batch, head) schedules and row bounds: (out, lse)");
   m.def("backward_grouped", &backward_grouped, "backward with per-(batch, head) schedules and row bounds");
+  m.def("row_major_schedule", &row_major_schedule, "virtual-row schedule of a per-query block selection");
+  m.def("merge_rows", &merge_rows, "per query: lse merge (or plain sum) of its virtual rows: (out, lse)");
 }
