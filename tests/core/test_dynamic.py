@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from headwise.core.dynamic import block_select_attention, selection_mask, token_block_attention, token_selection_mask
+from headwise.core.dynamic import (
+    block_select_attention, candidate_attention, candidate_mask, selection_mask, token_block_attention,
+    token_selection_mask,
+)
 from headwise.patterns import Causal, SlidingWindow
 
 
@@ -197,3 +200,65 @@ def test_token_bad_input_names_the_argument(kwargs, match):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         token_block_attention(q, k, v, args.pop("sel"), **args)
+
+
+# ---- own block + gathered far keys (candidate_attention) ------------------------------------------------
+def _candidate_inputs(B, H, N, D, block, W, seed=0, dtype=torch.float64):
+    q, k, v, _, _ = _inputs(B, H, H, N, N, D, 1, 1, 1, False, seed, dtype)
+    g = torch.Generator().manual_seed(seed + 7)
+    nb = math.ceil(N / block)
+    starts = torch.arange(nb) * block
+    extra = torch.full((B, H, nb, W), -1, dtype=torch.long)
+    for c in range(nb):  # distinct keys before the block (far keys), random order
+        before = int(starts[c])
+        for b in range(B):
+            for h in range(H):
+                ids = torch.randperm(before, generator=g)[:W] if before else torch.empty(0, dtype=torch.long)
+                extra[b, h, c, :len(ids)] = ids
+    avail = (extra >= 0).sum(-1).repeat_interleave(block, dim=2)[:, :, :N]  # (B, H, N)
+    n_extra = (torch.rand(B, H, N, generator=g) * (avail + 1)).long().clamp(max=avail)
+    own = torch.rand(B, H, nb, block, block, generator=g) < 0.5
+    own &= torch.ones(block, block, dtype=torch.bool).tril()
+    return q, k, v, extra, n_extra, own
+
+
+def test_candidate_mask_matches_brute_force():
+    _, _, _, extra, n_extra, own = _candidate_inputs(1, 2, 13, 4, 4, 3)
+    got = candidate_mask(extra, n_extra, own, 13, block=4)
+    want = torch.zeros(1, 2, 13, 13, dtype=torch.bool)
+    for h in range(2):
+        for i in range(13):
+            c, r = divmod(i, 4)
+            for s in range(int(n_extra[0, h, i])):
+                want[0, h, i, extra[0, h, c, s]] = True
+            for j in range(4):
+                if c * 4 + j < 13 and own[0, h, c, r, j]:
+                    want[0, h, i, c * 4 + j] = True
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", [(1, 1, 1, 4, 1, 1), (1, 2, 63, 8, 16, 20), (2, 2, 500, 8, 64, 100),
+                                  (1, 2, 700, 8, 128, 600), (1, 1, 100, 8, 32, 0)],
+                         ids=lambda c: "B{}-H{}-N{}-D{}-block{}-W{}".format(*c))
+def test_candidate_engine_matches_reference(case):
+    q, k, v, extra, n_extra, own = _candidate_inputs(*case)
+    _assert_backends_agree(lambda backend: candidate_attention(
+        q, k, v, extra, n_extra, own, block=case[4], return_lse=True, backend=backend), q, k, v)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block=0), "block"),
+    (dict(extra=torch.zeros(1, 1, 3, 2, dtype=torch.long)), "extra"),
+    (dict(n_extra=torch.full((1, 1, 8), 3)), "n_extra values"),
+    (dict(n_extra=torch.zeros(1, 1, 8)), "n_extra must"),
+    (dict(own_mask=torch.ones(1, 1, 2, 4, 3, dtype=torch.bool)), "own_mask"),
+    (dict(extra=torch.full((1, 1, 2, 2), 9)), "key ids"),
+    (dict(extra=torch.full((1, 1, 2, 2), -1)), "not -1"),
+])
+def test_candidate_bad_input_names_the_argument(kwargs, match):
+    q = k = v = torch.randn(1, 1, 8, 4)
+    args = dict(extra=torch.zeros(1, 1, 2, 2, dtype=torch.long), n_extra=torch.ones(1, 1, 8, dtype=torch.long),
+                own_mask=torch.ones(1, 1, 2, 4, 4, dtype=torch.bool), block=4)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        candidate_attention(q, k, v, args.pop("extra"), args.pop("n_extra"), args.pop("own_mask"), **args)

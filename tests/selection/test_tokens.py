@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from headwise.selection import tokens
 from headwise.selection.tokens import (
     attention_rollout,
     dense_token_select,
@@ -112,7 +113,10 @@ def blocks_to_dense(z, window, block):
      (40, 9, 3)],
     ids=lambda v: str(v),
 )
-def test_dma_blocks_equal_the_dense_selection(n, window, block):
+@pytest.mark.parametrize("compiled", [True, False], ids=["heap", "counting"])
+def test_dma_blocks_equal_the_dense_selection(n, window, block, compiled, monkeypatch):
+    if not compiled:  # the PyTorch path (no extension, other devices)
+        monkeypatch.setattr(tokens, "_compiled", lambda z: None)
     z = tied(2, 2, n, seed=n + window, levels=3)
     dense, past_end = blocks_to_dense(z, window, block)
     assert torch.equal(dense, dma_mask(z, n, window, causal=True))
@@ -223,3 +227,12 @@ def test_dma_blocks_random_sweep():
         z = torch.randint(0, 5, (1, 2, n), generator=g).to(F64)
         dense, _ = blocks_to_dense(z, window, block)
         assert torch.equal(dense, dma_mask(z, n, window)), (n, window, block)
+
+
+def test_dma_thresholds_are_the_window_th_best_rank_so_far():
+    z = tied(2, 3, 50, seed=9, levels=4)
+    sel = dma_blocks(z, 7, 8)
+    assert sel.threshold is not None, "the compiled extension is part of the test setup"
+    for b, h, i in itertools.product(range(2), range(3), range(50)):
+        seen = sorted(sel.rank[b, h, :i + 1].tolist())
+        assert sel.threshold[b, h, i].item() == (50 if i + 1 < 7 else seen[6])

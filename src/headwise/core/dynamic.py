@@ -30,17 +30,19 @@ import math
 import torch
 from torch import Tensor
 
-from headwise.core.blocksparse import extension
+from headwise.core.blocksparse import extension, take_rows
 from headwise.core.checks import check_qkv, default_scale
 from headwise.core.reference import masked_attention
 from headwise.patterns.base import Causal, Pattern
 
-__all__ = ["block_select_attention", "selection_mask", "token_block_attention", "token_selection_mask"]
+__all__ = ["block_select_attention", "selection_mask", "token_block_attention", "token_selection_mask",
+           "candidate_attention", "candidate_mask"]
 
 _ROWS = 64  # query rows per engine tile (block-major layout)
 _VROWS = 128  # virtual rows per engine tile (row-major layout; measured ~10 % faster than 64 on MoBA's 512-key blocks)
 _KV_PIECE = 512  # key blocks larger than this are split into engine tiles of at most this many keys
 _BACKENDS = ("auto", "reference", "blocksparse")
+MAX_OWN_BLOCK = 1024  # candidate_attention's own block is one kernel key tile: at most the kernel's chunk (kChunk)
 _EMPTY = torch.empty(0, dtype=torch.long)  # "none" for the kernel's optional tensor arguments
 
 
@@ -224,6 +226,138 @@ def _chunked_path(q, k, v, rows_mask, step, pattern, scale, max_elems=1 << 24):
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
+# ---- own block + gathered far keys (DMA) ----------------------------------------------------------------
+def _check_candidates(q, k, extra, n_extra, own_mask, block):
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got block={block!r}")
+    B, H, N, _ = q.shape
+    if k.shape[2] != N:
+        raise ValueError(f"candidate_attention is self-attention: q has N={N} tokens, k has {k.shape[2]}")
+    nb = math.ceil(N / block)
+    if not isinstance(extra, Tensor) or extra.dtype != torch.long or extra.dim() != 4 or tuple(extra.shape[:3]) != (B, H, nb):
+        raise ValueError(f"extra must be an int64 tensor [B, H, ceil(N / block), W] = [{B}, {H}, {nb}, W], got "
+                         f"{getattr(extra, 'dtype', type(extra).__name__)} {tuple(getattr(extra, 'shape', ()))}")
+    W = extra.shape[-1]
+    if not isinstance(n_extra, Tensor) or n_extra.dtype.is_floating_point or tuple(n_extra.shape) != (B, H, N):
+        raise ValueError(f"n_extra must be an integer tensor [B, H, N] = {[B, H, N]}, got "
+                         f"{getattr(n_extra, 'dtype', type(n_extra).__name__)} {tuple(getattr(n_extra, 'shape', ()))}")
+    if not isinstance(own_mask, Tensor) or own_mask.dtype != torch.bool or tuple(own_mask.shape) != (B, H, nb, block, block):
+        raise ValueError(f"own_mask must be a bool tensor [B, H, ceil(N / block), block, block] = "
+                         f"{[B, H, nb, block, block]}, got {getattr(own_mask, 'dtype', type(own_mask).__name__)} "
+                         f"{tuple(getattr(own_mask, 'shape', ()))}")
+    if n_extra.numel() and (int(n_extra.min()) < 0 or int(n_extra.max()) > W):
+        raise ValueError(f"n_extra values must be in [0, W={W}], got min {int(n_extra.min())}, max {int(n_extra.max())}")
+    if extra.numel() and int(extra.max()) >= N:
+        raise ValueError(f"extra must hold key ids in [0, {N}) or -1, got max {int(extra.max())}")
+    filled = (extra >= 0).to(torch.int32).cumprod(-1).sum(-1)  # (B, H, nb) leading valid slots of each block
+    if bool((n_extra > filled.repeat_interleave(block, dim=2)[:, :, :N]).any()):
+        raise ValueError("the first n_extra slots of extra must hold key ids (not -1) for every query")
+
+
+def candidate_mask(extra: Tensor, n_extra: Tensor, own_mask: Tensor, n: int, *, block: int) -> Tensor:
+    """The dense mask ``[B, H, n, n]`` of :func:`candidate_attention` (the reference; O(N^2) memory)."""
+    B, H, nb, W = extra.shape
+    mask = torch.zeros(B, H, nb * block, n + 1, dtype=torch.bool, device=extra.device)  # column n: padding slots
+    used = torch.arange(W, device=extra.device) < _pad_rows(n_extra, nb * block)[..., None]  # (B, H, nb*bq, W)
+    slots = extra.repeat_interleave(block, dim=2).masked_fill(~used, n).clamp(max=n)  # (B, H, nb*bq, W)
+    mask.scatter_(-1, slots.masked_fill(slots < 0, n), True)
+    mask = mask[..., :n].view(B, H, nb, block, n)
+    starts = torch.arange(nb, device=extra.device) * block
+    cols = starts[:, None] + torch.arange(block, device=extra.device)  # (nb, bq) own key positions
+    own = torch.zeros(B, H, nb, block, n + block, dtype=torch.bool, device=extra.device)
+    own.scatter_(-1, cols[None, None, :, None, :].expand(B, H, nb, block, block), own_mask)
+    mask = mask | own[..., :n]
+    return mask.view(B, H, nb * block, n)[:, :, :n]
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    """``[B, H, N]`` -> ``[B, H, rows]`` with zeros past ``N``."""
+    return torch.nn.functional.pad(x, (0, rows - x.shape[-1]))
+
+
+def candidate_attention(q: Tensor, k: Tensor, v: Tensor, extra: Tensor, n_extra: Tensor, own_mask: Tensor, *,
+                        block: int, scale: float | None = None, return_lse: bool = False, backend: str = "auto"):
+    """Self-attention where query block ``c`` (queries ``a = c * block .. a + block - 1``) sees (1) its own keys
+    ``a + j`` where ``own_mask[b, h, c, i, j]`` and (2) the first ``n_extra[b, h, a + i]`` keys of its candidate
+    list ``extra[b, h, c]`` (key ids before ``a`` or anywhere; they must not repeat the own keys).
+
+    This is causal Dynamic Mask Attention's structure (``extra``: the best keys before the block in the kept
+    order, ``own_mask``: which own keys each query keeps), and any "local block + selected far keys" method.
+    On the CPU kernel the candidates of every block are gathered once into a key buffer behind ``k``; each query
+    tile is one GEMM over its own block (element mask) and its candidates (per-row bound ``n_extra``), so no
+    unselected far key is computed. Elsewhere (``"reference"``, other devices) the dense :func:`candidate_mask`.
+
+    Shapes: q ``[B, H, N, D]``, k ``[B, H, N, D]``, v ``[B, H, N, Dv]`` (one key head per query head), extra int64
+    ``[B, H, ceil(N / block), W]`` (-1 = unused slot), n_extra int ``[B, H, N]`` in ``[0, W]``, own_mask bool
+    ``[B, H, ceil(N / block), block, block]``. Returns ``out`` ``[B, H, N, Dv]`` (or ``(out, lse)``).
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown {backend=}; valid: {', '.join(map(repr, _BACKENDS))}")
+    check_qkv(q, k, v, None, scale)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"candidate_attention needs one key head per query head, got q.shape={tuple(q.shape)}, "
+                         f"k.shape={tuple(k.shape)}")
+    _check_candidates(q, k, extra, n_extra, own_mask, block)
+    scale = default_scale(q, scale)
+    B, H, N, D = q.shape
+    if backend == "reference" or not _kernel_applies(q, None) or block > MAX_OWN_BLOCK:
+        mask = candidate_mask(extra, n_extra, own_mask, N, block=block)
+        out, lse = masked_attention(q, k, v, mask, scale)
+        return (out, lse) if return_lse else out
+    nb, W = extra.shape[2], extra.shape[3]
+    Np = nb * block
+    if Np > N:
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, Np - N)) for t in (q, k, v))  # (B, H, Np, .)
+    own = torch.arange(Np, device=q.device).expand(B * H, Np)
+    idx = torch.cat([own, extra.clamp_min(0).reshape(B * H, nb * W)], 1)  # unused slots read key 0, never seen
+    keys, values = take_rows(k, idx), take_rows(v, idx)  # (B, H, Np + nb W, D / Dv): own tokens, candidates
+    sched, kv_bounds = _candidate_schedule(_pad_rows(n_extra.long(), Np), own_mask, block, W, Np)
+    out, lse = _kernel_path(q, keys, values, sched, kv_bounds, scale)
+    out, lse = out[:, :, :N], lse[:, :, :N]
+    return (out, lse) if return_lse else out
+
+
+def _candidate_schedule(n_extra, own_mask, block, W, Np):
+    """Kernel schedule of :func:`candidate_attention` over keys ``[own tokens (Np) | block 0's candidates (W) |
+    block 1's | ...]``. Each block is cut into ``sub`` row tiles of <= _ROWS rows and its own keys into the same
+    ``sub`` key tiles; row tile ``s`` visits the own key tiles where ``own_mask`` has an entry (``0 .. s`` for a
+    causal mask: about half of the block), each with its element mask, then the candidate tiles; row ``i`` sees
+    ``[a, Np + c W + n_extra[i])``, which cuts the candidate list and leaves the own tiles to their masks."""
+    B, H, nb, bq, _ = own_mask.shape
+    G = B * H
+    sub = math.ceil(bq / _ROWS)
+    rp = math.ceil(bq / sub)  # rows (and own keys) per tile; the last tile of a block may be shorter
+    nQT = nb * sub
+    starts = (torch.arange(nb)[:, None] * bq + torch.arange(sub)[None, :] * rp).reshape(-1).clamp(max=Np)
+    q_bounds = torch.cat([starts, torch.tensor([Np])])[None]  # (1, nQT + 1)
+    pieces = max(1, math.ceil(W / _KV_PIECE)) if W else 0
+    width = math.ceil(W / pieces) if W else 0
+    cand = (Np + torch.arange(nb)[:, None] * W + torch.arange(pieces)[None, :] * width).reshape(-1)
+    kv_bounds = torch.cat([starts, cand, torch.tensor([Np + nb * W])])  # own tile c * sub + s', then candidates
+    pad = sub * rp - bq
+    masks = own_mask.reshape(G, nb, bq, bq)
+    if pad:
+        masks = torch.nn.functional.pad(masks, (0, pad, 0, pad))
+    words = masks.contiguous().view(torch.int64) if rp % 8 == 0 else masks  # any() over 8 bools at once
+    visit = words.view(G, nb, sub, rp, sub, -1).ne(0).any(-1).any(3)  # (G, nb, s, s'): tile s keeps a key of s'
+    masks = masks.view(G, nb, sub, rp, sub, rp)  # (G, nb, s, row, s', key)
+    part_mask = masks.transpose(3, 4).reshape(G * nQT * sub, rp, rp)  # (g, c, s, s') -> one element mask
+    own_ids = (torch.arange(nb)[:, None, None] * sub + torch.arange(sub)).expand(G, nb, sub, sub)  # (G, nb, s, s')
+    own_tiles = torch.where(visit, own_ids, -1).reshape(G, nQT, sub)
+    own_part = torch.where(visit, torch.arange(G * nQT * sub).view(G, nb, sub, sub), -1).reshape(G, nQT, sub)
+    cand_tiles = (nQT + torch.arange(nb)[:, None] * pieces + torch.arange(pieces)).repeat_interleave(sub, 0)
+    cand_tiles = cand_tiles.expand(G, nQT, pieces)
+    tiles = torch.cat([own_tiles, cand_tiles], -1)  # (G, nQT, sub + pieces)
+    part_idx = torch.cat([own_part, torch.full_like(cand_tiles, -1)], -1)
+    order = (tiles < 0).to(torch.int8).argsort(dim=-1, stable=True)  # unvisited own tiles last, the rest in order
+    tiles, part_idx = tiles.gather(-1, order), part_idx.gather(-1, order)
+    block_of = torch.arange(Np) // bq  # (Np,)
+    lo = (block_of * bq).expand(G, Np)
+    hi = Np + block_of * W + n_extra.reshape(G, Np)
+    sched = _Schedule(q_bounds, tiles, torch.stack([lo, hi], -1), None, None, part_idx, part_mask)
+    return sched, kv_bounds
+
+
 # ---- the CPU kernel path -------------------------------------------------------------------------------
 def _kv_tiles(M: int, block_kv: int) -> tuple[Tensor, int]:
     """Engine key-tile bounds: each selection block split into ``pieces`` tiles of at most _KV_PIECE keys."""
@@ -315,12 +449,13 @@ class _Schedule:
     virtual rows of every query (the padding row ``Nv - 1`` where it selected fewer); ``q_index`` is ``vq`` for
     the kernel (empty for the block-major layout)."""
 
-    def __init__(self, q_bounds, kv_tiles, row_bounds, vq, slots):
+    def __init__(self, q_bounds, kv_tiles, row_bounds, vq, slots, part_idx=None, part_mask=None):
         self.q_bounds, self.kv_tiles, self.vq, self.slots = q_bounds, kv_tiles, vq, slots
         self.q_index = _EMPTY if vq is None else vq.contiguous()
         self.rb = torch.empty(0, dtype=torch.long) if row_bounds is None else row_bounds.contiguous()
-        self.part_idx = torch.full_like(kv_tiles, -1)  # no element masks: row bounds do the token-level part
-        self.part_mask = torch.zeros(0, 1, 1, dtype=torch.bool)
+        # element masks of partial tiles (candidate_attention's own blocks); elsewhere row bounds do that part
+        self.part_idx = torch.full_like(kv_tiles, -1) if part_idx is None else part_idx.contiguous()
+        self.part_mask = torch.zeros(0, 1, 1, dtype=torch.bool) if part_mask is None else part_mask.contiguous()
 
 
 class _GroupedKernel(torch.autograd.Function):

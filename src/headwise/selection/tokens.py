@@ -122,6 +122,7 @@ class DMABlocks:
     rank: Tensor  # int64 [B, H, M]: position of each key in the best-first order (0 = best)
     prefix: Tensor  # int64 [B, H, n_blocks, window]: the best keys before each block, best first; -1 pads
     prefix_rank: Tensor  # int64 [B, H, n_blocks, window]: their ranks, ascending; M on padded slots
+    threshold: Tensor | None = None  # int64 [B, H, M]: query i keeps key j <= i iff rank[j] <= threshold[i]
 
 
 def dma_blocks(z: Tensor, window: int, block: int) -> DMABlocks:
@@ -130,7 +131,9 @@ def dma_blocks(z: Tensor, window: int, block: int) -> DMABlocks:
     The best ``window`` keys among ``0..i`` are, for every query ``i`` of the block starting at ``a``, inside the
     best ``window`` keys before ``a`` plus the keys ``a..i``: a key before ``a`` outside that prefix set has
     ``window`` better keys already. So the candidates are ``window + block`` keys per block, and the whole selection
-    costs ``O(N (window + block))`` instead of ``O(N^2)``.
+    costs ``O(N (window + block))`` instead of ``O(N^2)``. On CPU the compiled extension finds them in one pass with
+    a heap of the ``window`` best keys so far (``O(N log window)``), which also gives every query's threshold
+    (``DMABlocks.threshold``); elsewhere a counting pass over ``[B, H, blocks, N]``.
     """
     _check_z(z)
     _check_count("window", window)
@@ -139,6 +142,13 @@ def dma_blocks(z: Tensor, window: int, block: int) -> DMABlocks:
     W = min(window, N)
     nb = math.ceil(N / block)
     rank, order = dma_key_rank(z)
+    ext = _compiled(z)
+    if ext is not None:  # one heap pass per (batch, head): thresholds and prefixes, O(N log W)
+        threshold, prefix_rank = ext.dma_select(rank.reshape(B * H, N).contiguous(), W, block)
+        threshold, prefix_rank = threshold.view(B, H, N), prefix_rank.view(B, H, nb, W)
+        best = order.gather(-1, prefix_rank.clamp(max=N - 1).flatten(2)).view_as(prefix_rank)
+        prefix = torch.where(prefix_rank < N, best, -1)  # (B, H, nb, W)
+        return DMABlocks(block=block, window=W, rank=rank, prefix=prefix, prefix_rank=prefix_rank, threshold=threshold)
     starts = torch.arange(nb, device=z.device) * block  # (nb,)
     before = order[:, :, None, :] < starts[:, None]  # (B, H, nb, N): the t-th best key lies before block c
     slot = before.cumsum(-1) - 1  # position among the keys before the block, best first
@@ -148,6 +158,14 @@ def dma_blocks(z: Tensor, window: int, block: int) -> DMABlocks:
     prefix = prefix[..., :W].contiguous()  # (B, H, nb, W); the dropped column got arbitrary writes
     prefix_rank = torch.where(prefix >= 0, rank.gather(-1, prefix.clamp_min(0).flatten(2)).view_as(prefix), N)
     return DMABlocks(block=block, window=W, rank=rank, prefix=prefix, prefix_rank=prefix_rank)
+
+
+def _compiled(z: Tensor):
+    """The compiled extension for DMA's selection helpers (``dma_select``: a heap pass computing the per-query
+    thresholds and per-block prefixes), or None (not CPU, or unavailable: the PyTorch counting path runs)."""
+    from headwise.core.blocksparse import extension
+
+    return extension() if z.device.type == "cpu" else None
 
 
 def dma_block_keep(sel: DMABlocks, first: int, last: int) -> tuple[Tensor, Tensor]:
@@ -175,10 +193,15 @@ def dma_block_keep(sel: DMABlocks, first: int, last: int) -> tuple[Tensor, Tenso
     rank_pad = torch.cat([sel.rank, sel.rank.new_full((B, H, 1), N)], -1)  # rank N for "no key"
     own_rank = rank_pad[:, :, torch.where(valid, pos, N)]  # (B, H, n, Bq) ranks of the own keys (N past the end)
     pre_rank = sel.prefix_rank[:, :, first:last].contiguous()  # (B, H, n, W) ascending
+    causal = r[None, :] <= r[:, None]  # (Bq i, Bq j)
+    if sel.threshold is not None:  # by the per-query threshold: O(block^2) compares, no counting
+        t = sel.threshold[:, :, pos.clamp(max=N - 1)]  # (B, H, n, Bq); past the end: the last query's
+        keep_local = causal & valid[:, None, :] & (own_rank[..., None, :] <= t[..., :, None])  # (B, H, n, Bq, Bq)
+        n_prefix = torch.searchsorted(pre_rank, t.clamp(max=N - 1), right=True).to(torch.int32)  # ranks <= t
+        return n_prefix, keep_local
     better_prefix = torch.searchsorted(pre_rank, own_rank).to(torch.int32)  # (B, H, n, Bq) prefix keys better than j
     better = own_rank[..., None, :] < own_rank[..., :, None]  # (B, H, n, Bq j, Bq j'): j' better than j
     better_own = better.cumsum(-1, dtype=torch.int32).transpose(-1, -2)  # [i, j]: own keys j' <= i better than j
-    causal = r[None, :] <= r[:, None]  # (Bq i, Bq j)
     keep_local = causal & valid[:, None, :] & (better_own < (W - better_prefix)[..., None, :])  # (B, H, n, Bq, Bq)
     seen_own = torch.minimum(pos, torch.tensor(N - 1, device=dev)) - a[:, None] + 1  # (n, Bq) own keys j <= i
     seen = torch.clamp(torch.minimum(a, torch.tensor(W, device=dev))[:, None] + seen_own, max=W)  # (n, Bq)

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from headwise.core.blocksparse import extension
 from headwise.core.checks import check_qkv, default_scale
-from headwise.core.merge import merge_attention
+from headwise.core.dynamic import MAX_OWN_BLOCK, candidate_attention
 from headwise.core.reference import masked_attention, masked_softmax
 from headwise.selection.tokens import dma_block_keep, dma_blocks, dma_key_rank, dma_mask, topk_mask
 from headwise.variants.checks import check_bool, check_positive_int
@@ -189,42 +190,6 @@ def _dma_blocks_chunk(q, k, v, z, *, sel, first: int, last: int, scale: float) -
     return o.view(B, H, n * Bq, -1)
 
 
-def _dma_blocks_chunk_split(q, k, v, z, *, sel, first: int, last: int, scale: float) -> Tensor:
-    """Inference form of :func:`_dma_blocks_chunk` (no autograd, ``Dv == D``): the first ``window - block`` prefix
-    slots are kept by every query of a block (a query keeps at least ``window - block`` prefix keys once the prefix
-    is full), so they need only a per-key bias row broadcast over the queries; the per-query mask covers the last
-    ``block`` prefix slots and the own keys. Two CPU flash-attention calls, merged by their log-sum-exps."""
-    B, H, _, D = q.shape
-    Bq, W, n = sel.block, sel.window, last - first
-    Wc = W - Bq  # > 0 here
-    n_prefix, keep_own = dma_block_keep(sel, first, last)  # (B, H, n, Bq), (B, H, n, Bq, Bq)
-    idx = sel.prefix[:, :, first:last].clamp_min(0).reshape(B, H, n * W)
-    rows = slice(first * Bq, last * Bq)
-
-    def candidates(x: Tensor) -> tuple[Tensor, Tensor]:  # (B, H, Np, F) -> common, boundary candidates
-        pre = x.gather(2, idx[..., None].expand(B, H, n * W, x.shape[-1])).view(B * H, n, W, x.shape[-1])
-        own = x[:, :, rows].reshape(B * H, n, Bq, x.shape[-1])
-        return pre[:, :, :Wc], torch.cat([pre[:, :, Wc:], own], dim=2)  # (B*H, n, Wc, F), (B*H, n, 2 Bq, F)
-
-    (kc, kb), (vc, vb) = candidates(k), candidates(v)
-    zc, zb = (t[..., 0] for t in candidates(z[..., None]))  # (B*H, n, Wc), (B*H, n, 2 Bq)
-    qb = q[:, :, rows].reshape(B * H, n, Bq, D)
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    starts = torch.arange(first, last, device=q.device) * Bq  # (n,)
-    common = torch.minimum(starts, torch.tensor(Wc, device=q.device))  # (n,) slots kept by the whole block
-    slots = torch.arange(W, device=q.device)
-    row_bias = torch.where(slots[:Wc] < common[:, None], zc, float("-inf"))  # (B*H, n, Wc)
-    o1, l1 = flash(qb, kc, vc, 0.0, False, attn_mask=row_bias[:, :, None, :], scale=scale)
-    l1 = l1.masked_fill((common == 0)[:, None], float("-inf"))  # blocks with no common key
-    keep = torch.cat([slots[Wc:] < n_prefix.view(B * H, n, Bq, 1), keep_own.view(B * H, n, Bq, Bq)], dim=-1)
-    bias = torch.where(keep, zb[:, :, None, :], float("-inf"))  # (B*H, n, Bq, 2 Bq)
-    o2, l2 = flash(qb, kb, vb, 0.0, False, attn_mask=bias, scale=scale)
-    empty = (n_prefix.view(B * H, n, Bq) <= Wc) & ~keep_own.view(B * H, n, Bq, Bq).any(-1)
-    l2 = l2.masked_fill(empty, float("-inf"))  # rows whose keys are all common
-    out, _ = merge_attention(o1, l1, o2, l2)  # (B*H, n, Bq, D)
-    return out.view(B, H, n * Bq, D)
-
-
 def dma_attention(q: Tensor, k: Tensor, v: Tensor, z: Tensor, window: int, causal: bool = True,
                   scale: float | None = None, *, block: int = 512) -> Tensor:
     r"""Dynamic Mask Attention's sparse attention ("Trainable Dynamic Mask Sparse Attention", Shi et al., 2025)
@@ -244,10 +209,13 @@ def dma_attention(q: Tensor, k: Tensor, v: Tensor, z: Tensor, window: int, causa
     Causal (``N == M``): the bias depends on the key only, so the threshold of query ``i`` (the ``w``-th best bias
     among ``0..i``) never decreases with ``i``, and the keys any query of the block ``a .. a + block - 1`` keeps
     are among the ``w`` best keys before ``a`` and the block's own keys (:func:`headwise.selection.tokens.dma_blocks`).
-    Each block gathers those ``w + block`` candidates and computes its scores with one batched SDPA call whose
-    additive mask is ``z_j`` on kept candidates and ``-inf`` elsewhere, so the work is ``O(N (w + block) D)``
-    instead of ``O(N^2 D)``. ``block`` (default 512) trades gather overhead against wasted candidates.
-    ``w >= N`` is full (causal) attention with the bias added.
+    On CPU with the compiled extension this is :func:`headwise.core.dynamic.candidate_attention`: the kept
+    prefix keys of a query are a leading run of its block's best-first list (a per-row bound), the own keys an
+    element mask, and the bias enters as one more key column (``[q, 1/scale] . [k, z] * scale = scale q.k + z``).
+    Elsewhere each block gathers its ``w + block`` candidates for one batched SDPA call whose additive mask is
+    ``z_j`` on kept candidates and ``-inf`` elsewhere. Either way the work is ``O(N (w + block) D)`` instead of
+    ``O(N^2 D)``; ``block`` (default 512) trades gather overhead against wasted candidates. ``w >= N`` is full
+    (causal) attention with the bias added.
     """
     _check_dma(q, k, v, z, window, causal, scale)
     check_positive_int("block", block)
@@ -265,16 +233,20 @@ def dma_attention(q: Tensor, k: Tensor, v: Tensor, z: Tensor, window: int, causa
     sel = dma_blocks(z.detach(), window, block)
     Bq, W = sel.block, sel.window
     nb = sel.prefix.shape[2]
+    if q.device.type == "cpu" and extension() is not None and Bq <= MAX_OWN_BLOCK:
+        n_prefix, keep_own = dma_block_keep(sel, 0, nb)  # (B, H, nb, Bq), (B, H, nb, Bq, Bq)
+        qz = torch.cat([q, q.new_full((*q.shape[:3], 1), 1.0 / sc)], -1)  # (B, H, N, D + 1)
+        kz = torch.cat([k, z[..., None]], -1)  # (B, H, N, D + 1): scale * (qz . kz) = scale q.k + z
+        return candidate_attention(qz, kz, v, sel.prefix, n_prefix.view(B, H, nb * Bq)[:, :, :N], keep_own,
+                                   block=Bq, scale=sc)
     pad = nb * Bq - N
     qp, kp, vp = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, H, nb*Bq, .)
     zp = F.pad(z, (0, pad))  # (B, H, nb*Bq)
     per_chunk = max(1, _DMA_ELEMS // (B * H * Bq * (W + Bq)))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, z))
-    split = not grad and q.device.type == "cpu" and W > Bq and q.shape[-1] == v.shape[-1]
-    chunk_fn = _dma_blocks_chunk_split if split else _dma_blocks_chunk
     outs = []
     for first in range(0, nb, per_chunk):
-        f = partial(chunk_fn, sel=sel, first=first, last=min(nb, first + per_chunk), scale=sc)
+        f = partial(_dma_blocks_chunk, sel=sel, first=first, last=min(nb, first + per_chunk), scale=sc)
         outs.append(checkpoint(f, qp, kp, vp, zp, use_reentrant=False) if grad else f(qp, kp, vp, zp))
     return torch.cat(outs, dim=2)[:, :, :N]  # (B, H, N, Dv)
 

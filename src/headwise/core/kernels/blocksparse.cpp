@@ -641,6 +641,48 @@ std::vector<at::Tensor> row_major_schedule(at::Tensor table, int64_t rows_per_ti
   return {q_bounds, kv_tiles, row_bounds, vq, slots};
 }
 
+// Selection helper for Dynamic Mask Attention: rank [G, N] int64 (a permutation of 0 .. N - 1 per group, 0 =
+// best key) -> (threshold [G, N], prefix_rank [G, ceil(N / block), window]). threshold[i] is the window-th smallest
+// rank among keys 0 .. i (N while i + 1 < window: everything): causal DMA keeps key j for query i iff j <= i and
+// rank[j] <= threshold[i]. prefix_rank[c] lists the ranks of the window best keys before c * block, ascending,
+// padded with N. One pass with a max-heap of the window best: O(N log window + blocks window log window).
+std::vector<at::Tensor> dma_select(at::Tensor rank, int64_t window, int64_t block) {
+  TORCH_CHECK(rank.scalar_type() == at::kLong && rank.dim() == 2 && rank.is_contiguous(),
+              "rank must be a contiguous int64 [G, N]");
+  TORCH_CHECK(window > 0 && block > 0, "window and block must be positive");
+  const int64_t G = rank.size(0), N = rank.size(1), nb = (N + block - 1) / block;
+  auto threshold = at::empty_like(rank);
+  auto prefix = at::full({G, nb, window}, N, rank.options());
+  const int64_t* rp = rank.data_ptr<int64_t>();
+  int64_t* tp = threshold.data_ptr<int64_t>();
+  int64_t* pp = prefix.data_ptr<int64_t>();
+  parallel_ranges(G, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> heap, sorted;
+    heap.reserve(window + 1);
+    for (int64_t g = begin; g < end; ++g) {
+      heap.clear();
+      for (int64_t i = 0; i < N; ++i) {
+        if (i % block == 0) {  // the window best keys before this block, ascending
+          sorted.assign(heap.begin(), heap.end());
+          std::sort(sorted.begin(), sorted.end());
+          std::copy(sorted.begin(), sorted.end(), pp + (g * nb + i / block) * window);
+        }
+        const int64_t r = rp[g * N + i];
+        if (int64_t(heap.size()) < window) {
+          heap.push_back(r);
+          std::push_heap(heap.begin(), heap.end());
+        } else if (r < heap.front()) {
+          std::pop_heap(heap.begin(), heap.end());
+          heap.back() = r;
+          std::push_heap(heap.begin(), heap.end());
+        }
+        tp[g * N + i] = int64_t(heap.size()) < window ? N : heap.front();
+      }
+    }
+  });
+  return {threshold, prefix};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -651,5 +693,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_grouped", &forward_grouped, "forward with per-(batch, head) schedules and row bounds: (out, lse)");
   m.def("backward_grouped", &backward_grouped, "backward with per-(batch, head) schedules and row bounds");
   m.def("row_major_schedule", &row_major_schedule, "virtual-row schedule of a per-query block selection");
+  m.def("dma_select", &dma_select, "causal DMA: per-query rank thresholds and per-block best-key prefixes");
   m.def("merge_rows", &merge_rows, "per query: lse merge (or plain sum) of its virtual rows: (out, lse)");
 }
