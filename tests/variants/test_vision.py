@@ -316,7 +316,7 @@ def naive_multihead_scan(m, x):
     return y.transpose(1, 2).reshape(B, C, H, W)
 
 
-@pytest.mark.parametrize("heads,H,W,chunk", [(4, 1, 1, 32), (4, 5, 7, 8), (3, 4, 4, 5), (2, 3, 9, 32)],
+@pytest.mark.parametrize("heads,H,W,chunk", [(4, 1, 1, 32), (4, 5, 7, 8), (3, 4, 4, 5), (2, 3, 9, 32), (2, 3, 9, 0)],
                          ids=lambda v: str(v))
 def test_multihead_scan_matches_head_by_head_loop(heads, H, W, chunk):
     torch.manual_seed(0)
