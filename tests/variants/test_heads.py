@@ -389,9 +389,9 @@ def test_cascade_feeds_each_head_the_previous_output():
 
 def test_single_head_causal_needs_per_token_norm():
     with pytest.raises(ValueError, match="norm='layer'"):
-        SingleHeadAttention(40, pattern=Causal())
+        SingleHeadAttention(40, pattern=Causal(), norm="group")
     torch.manual_seed(0)
-    m = SingleHeadAttention(40, pattern=Causal(), norm="layer").to(F64)
+    m = SingleHeadAttention(40, pattern=Causal()).to(F64)  # norm="auto": per token
     x = torch.randn(2, 20, 40, dtype=F64)
     y = m(x)
     x2 = x.clone()
@@ -503,3 +503,8 @@ BAD = [
 def test_bad_config_raises(name, kw, exc, match):
     with pytest.raises(exc, match=match):
         headwise.create(name, **kw)
+
+
+def test_single_head_norm_auto_is_group_unless_causal():
+    assert SingleHeadAttention(32).config.norm == "group"
+    assert SingleHeadAttention(32, pattern=Causal()).config.norm == "layer"

@@ -68,7 +68,7 @@ def test_default_plan_and_apply_plan_keeps_weights():
     (dict(heads=4, plan=PLAN, layer=2), ValueError, "layer=2"),
     (dict(heads=4, plan=42), ValueError, "plan=42"),
     (dict(heads=4, plan="/no/such/plan.json"), ValueError, "not found"),
-    (dict(heads=4, pattern="causal"), ValueError, "pass pattern=None"),
+    (dict(heads=4, pattern=SinkWindow(8, 0)), ValueError, "pass pattern=None"),
 ], ids=["heads", "layer", "plan-type", "plan-path", "pattern"])
 def test_bad_config(kwargs, error, fragment):
     with pytest.raises(error, match=fragment):
@@ -81,3 +81,12 @@ def test_self_attention_only_and_layer_count():
         m(torch.randn(1, 5, 16), torch.randn(1, 3, 16))
     with pytest.raises(ValueError, match="the plan has 2 layers but the model has 1"):
         apply_plan(torch.nn.Sequential(headwise.create("mha", dim=16, heads=4, pattern="causal")), PLAN)
+
+
+def test_causal_pattern_is_accepted_and_default_plan_serves_any_layer():
+    m = headwise.create("moa", dim=16, heads=4, pattern="causal", layer=3)
+    assert m.config.pattern is None and m.plan.layers == 4
+    first = headwise.create("moa", dim=16, heads=4)
+    first.load_state_dict(m.state_dict())
+    x = torch.randn(1, 70, 16)
+    assert torch.equal(m(x), first(x))  # the uniform plan is the same at every layer

@@ -616,7 +616,8 @@ class SingleHeadAttention(nn.Module):
         pattern: a pattern or spec string for the head (default None: full attention).
         bias: bias in the qkv and output projections; default True.
         backend: :func:`headwise.attention` backend; default ``"auto"``.
-        norm: ``"group"`` (SHViT's GroupNorm over the sequence; default) or ``"layer"`` (per token; causal-safe).
+        norm: ``"group"`` (SHViT's GroupNorm over the sequence), ``"layer"`` (per token; causal-safe) or ``"auto"``
+            (default): ``"layer"`` with a :class:`~headwise.patterns.Causal` pattern, else ``"group"``.
 
     Choices made here: SHViT works on ``[B, C, H, W]`` maps with 1x1 convolutions followed by BatchNorm (the
     output one initialised to zero); we use tokens ``[B, N, C]`` and linear layers with bias (what the BatchNorms
@@ -637,7 +638,7 @@ class SingleHeadAttention(nn.Module):
         pattern: Pattern | str | None = None  # allowed (query, key) pairs: a Pattern or spec string; None: all
         bias: bool = True  # bias in the qkv and output projections
         backend: str = "auto"  # headwise.attention backend: "auto", "reference", "sdpa", "blocksparse", "flex"
-        norm: str = "group"  # pre-norm of the head's channels: "group" (over the sequence, SHViT) or "layer" (per token)
+        norm: str = "auto"  # head pre-norm: "group" (over the sequence, SHViT), "layer" (per token), "auto" (below)
 
         def __post_init__(self):
             check_positive_int("dim", self.dim)
@@ -650,14 +651,16 @@ class SingleHeadAttention(nn.Module):
             if not isinstance(self.bias, bool):
                 raise TypeError(f"bias must be a bool, got bias={self.bias!r}")
             _check_backend(self.backend)
-            if self.norm not in ("group", "layer"):
-                raise ValueError(f"norm must be 'group' or 'layer', got norm={self.norm!r}")
+            if self.norm not in ("auto", "group", "layer"):
+                raise ValueError(f"norm must be 'auto', 'group' or 'layer', got norm={self.norm!r}")
+            if self.norm == "auto":  # the paper's GroupNorm, unless that would leak the future
+                self.norm = "layer" if isinstance(self.pattern, Causal) else "group"
             if self.norm == "group" and isinstance(self.pattern, Causal):
                 raise ValueError(f"norm='group' normalizes over the whole sequence, so pattern={self.pattern!r} "
                                  "would still see future tokens; use norm='layer' for causal attention")
 
     def __init__(self, dim: int, *, partial: float = 0.25, qk_dim: int = 16, pattern: Pattern | str | None = None,
-                 bias: bool = True, backend: str = "auto", norm: str = "group"):
+                 bias: bool = True, backend: str = "auto", norm: str = "auto"):
         super().__init__()
         self.config = cfg = self.Config(dim=dim, partial=partial, qk_dim=qk_dim, pattern=pattern, bias=bias,
                                         backend=backend, norm=norm)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from headwise.core.attention import attention
 from headwise.moa.plan import MoAPlan
+from headwise.patterns import Causal
 from headwise.variants.registry import register
 from headwise.variants.softmax import MultiHeadAttention
 
@@ -47,8 +48,8 @@ class MixtureOfSparseAttention(MultiHeadAttention):
             ``alpha = 64, beta = 0.125`` with 4 sinks (a uniform baseline, headwise's choice).
         layer: which layer of the plan this module is (default 0).
         kv_heads, head_dim, qkv_bias, out_bias, dropout, backend: as :class:`MultiHeadAttention`.
-        pattern: must be ``None`` (the plan gives the pattern; the keyword exists because the configuration
-            extends :class:`MultiHeadAttention`'s).
+        pattern: ``None`` or :class:`~headwise.patterns.Causal` (accepted and dropped: the plan's sink + window
+            masks are causal already); the plan gives the pattern.
 
     Self-attention only (no ``context``, no ``key_padding_mask``): MoA is for causal decoders (prefill).
 
@@ -69,11 +70,13 @@ class MixtureOfSparseAttention(MultiHeadAttention):
 
         def __post_init__(self):
             super().__post_init__()
-            if self.pattern is not None:
-                raise ValueError(f"moa takes its per-head pattern from the plan; pass pattern=None, got "
-                                 f"pattern={self.pattern!r}")
-            if self.plan is None:
-                self.plan = MoAPlan.uniform(1, self.heads, alpha=64, beta=0.125, sinks=4)
+            if self.pattern is not None and not isinstance(self.pattern, Causal):
+                raise ValueError(f"moa takes its per-head pattern from the plan (causal sink + window masks); pass "
+                                 f"pattern=None, got pattern={self.pattern!r}")
+            self.pattern = None  # Causal() is accepted: the plan's masks are causal already
+            if self.plan is None:  # the same uniform plan for every layer
+                depth = self.layer + 1 if isinstance(self.layer, int) and not isinstance(self.layer, bool) else 1
+                self.plan = MoAPlan.uniform(max(1, depth), self.heads, alpha=64, beta=0.125, sinks=4)
             elif isinstance(self.plan, (str, Path)):
                 self.plan = MoAPlan.load(self.plan)
             elif isinstance(self.plan, dict):
