@@ -27,11 +27,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from headwise.core.blocksparse import extension
-from headwise.core.attention import attention
 from headwise.core.checks import check_qkv, default_scale
 from headwise.core.dynamic import MAX_OWN_BLOCK, candidate_attention
 from headwise.core.reference import masked_attention, masked_softmax
-from headwise.patterns import Causal
 from headwise.selection.tokens import dma_block_keep, dma_blocks, dma_key_rank, dma_mask, topk_mask
 from headwise.variants.checks import check_bool, check_positive_int
 from headwise.variants.registry import register
@@ -234,8 +232,8 @@ def dma_attention(q: Tensor, k: Tensor, v: Tensor, z: Tensor, window: int, causa
         return F.scaled_dot_product_attention(q, kc, vc, attn_mask=z.gather(-1, idx)[:, :, None, :], scale=sc)
     qz = torch.cat([q, q.new_full((*q.shape[:3], 1), 1.0 / sc)], -1)  # (B, H, N, D + 1)
     kz = torch.cat([k, z[..., None]], -1)  # (B, H, N, D + 1): scale * (qz . kz) = scale q.k + z
-    if window >= N:  # every query keeps all its keys: causal attention with the bias
-        return attention(qz, kz, v, Causal(), scale=sc)
+    if window >= N:  # every query keeps all its keys: causal attention with the bias (an inner step: unobserved)
+        return F.scaled_dot_product_attention(qz, kz, v, is_causal=True, scale=sc)
     sel = dma_blocks(z.detach(), window, min(block, N))
     Bq, W = sel.block, sel.window
     nb = sel.prefix.shape[2]
