@@ -143,12 +143,14 @@ def block_select_attention(q: Tensor, k: Tensor, v: Tensor, kv_blocks: Tensor, *
 
 
 def _check_token_selection(sel, n_q, n_kv, block_kv, pattern, B=None, H=None):
+    """``n_q=None``: any number of queries (the mask builder)."""
     if isinstance(block_kv, bool) or not isinstance(block_kv, int) or block_kv < 1:
         raise ValueError(f"block_kv must be a positive int, got block_kv={block_kv!r}")
     n_kb = math.ceil(n_kv / block_kv)
     if not isinstance(sel, Tensor) or sel.dtype != torch.bool or sel.dim() != 4:
         raise TypeError(f"sel must be a bool tensor [B, H, N, ceil(M / block_kv)], got {type(sel).__name__} "
                         f"{getattr(sel, 'dtype', '')} {tuple(getattr(sel, 'shape', ()))}")
+    n_q = sel.shape[2] if n_q is None else n_q
     want = (B if B is not None else sel.shape[0], H if H is not None else sel.shape[1], n_q, n_kb)
     if tuple(sel.shape) != want:
         raise ValueError(f"sel.shape={tuple(sel.shape)} must be (B, H, N, ceil({n_kv=} / {block_kv=})) = {want}")
@@ -160,8 +162,7 @@ def _check_token_selection(sel, n_q, n_kv, block_kv, pattern, B=None, H=None):
 
 def token_selection_mask(sel: Tensor, n_kv: int, *, block_kv: int, pattern: Pattern | None = None) -> Tensor:
     """The dense boolean mask ``[B, H, N, n_kv]`` of a per-query block selection (the reference; O(N M) memory)."""
-    _check_token_selection(sel, sel.shape[2] if isinstance(sel, Tensor) and sel.dim() == 4 else 0, n_kv, block_kv,
-                           pattern)
+    _check_token_selection(sel, None, n_kv, block_kv, pattern)
     mask = sel.repeat_interleave(block_kv, dim=-1)[..., :n_kv]  # (B, H, N, M)
     if pattern is not None:
         mask = mask & pattern.dense_mask(sel.shape[2], n_kv, device=mask.device)  # (H or 1, N, M)
