@@ -1,26 +1,32 @@
-"""Attention over key blocks chosen at run time (MoBA, VMoBA, HiP, ...): the selection becomes speed.
+"""Attention over keys chosen at run time (MoBA, VMoBA, HiP, DMA, ...): the selection becomes speed.
 
-A content-aware method picks, per (batch, head) and query block, which key blocks to visit; this module
-runs attention over exactly those blocks on the block-sparse engine, so the work is proportional to what was
-selected. The selection is an input (``kv_blocks``), computed by the caller (``headwise.selection``);
-gradients flow to ``q``, ``k``, ``v``, not to the indices.
+A content-aware method picks, per (batch, head), which keys each query visits; this module runs attention over
+exactly those keys on the block-sparse engine, so the work is proportional to what was selected. The selection is
+an input computed by the caller (``headwise.selection``); gradients flow to ``q``, ``k``, ``v``, not to it.
+Rows with no key give zeros and ``lse = -inf``. Three entry points, three selection shapes:
 
-Semantics (``selection_mask`` materializes them): query ``i`` attends key ``j`` iff some slot ``s`` has
-``kv_blocks[b, h, i // block_q, s] == j // block_kv``, ``row_mask[b, h, i // block_q, s, i % block_q]``
-(when given) and ``pattern.mask(i, j)`` (when given). Rows with no key give zeros and ``lse = -inf``.
+* :func:`block_select_attention`: ``kv_blocks[b, h, query block, slot]`` key block ids, optionally narrowed
+  per row by ``row_mask`` (dense meaning: :func:`selection_mask`).
+* :func:`token_block_attention`: ``sel[b, h, query, key block]`` per query (:func:`token_selection_mask`).
+* :func:`candidate_attention`: a query block's own keys under an element mask, plus a leading run of its
+  block's candidate list per query (:func:`candidate_mask`).
 
-Two layouts on the CPU kernel (``kernels/blocksparse.cpp``, grouped entry points):
+Layouts on the CPU kernel (``kernels/blocksparse.cpp``, grouped entry points):
 
-* block-major (``row_mask is None``): each query block's rows visit the union of its selected blocks; one
-  schedule per (batch, head).
-* row-major (``row_mask`` given, per-token selection such as MoBA's): every selected (query, key block) pair
-  becomes a *virtual row*; virtual rows are grouped by key block into query tiles, so each tile is one GEMM
-  against one contiguous key block and no unselected pair is computed. Partial results are merged by the
-  log-sum-exp; the backward reuses the kernel with the merged lse and ``delta = rowsum(dO * O)``, which gives
-  each virtual row its exact share of the gradient.
+* block-major (``block_select_attention`` without ``row_mask``): each query block's rows visit the union of its
+  selected blocks; one schedule per (batch, head).
+* row-major (per-query selections): every selected (query, key block) pair becomes a *virtual row*; the kernel's
+  ``row_major_schedule`` groups virtual rows by key block into query tiles, so each tile is one GEMM against one
+  contiguous key block and no unselected pair is computed; the kernel reads each row's query through ``q_index``.
+  Partial results merge by the log-sum-exp (the kernel's ``merge_rows``); the backward reuses the kernel with the
+  merged lse and ``delta = rowsum(dO * O)``, which gives each virtual row its exact share of the gradient.
+* candidates: the candidate keys of every block are gathered once behind the tokens; a query tile visits its
+  own key tiles (element masks) and its block's candidate tiles, cut per row by ``[block start, candidates
+  start + n_extra)``.
 
-``pattern`` must be ``None`` or :class:`~headwise.patterns.Causal` on the kernel (applied as per-row key
-bounds); any other pattern, and every non-CPU device, uses a chunked masked PyTorch path.
+Key tiles wholly outside the union of a tile's row bounds are skipped and the others clipped to it. ``pattern``
+must be ``None`` or :class:`~headwise.patterns.Causal` on the kernel (applied as per-row key bounds); any other
+pattern, and every non-CPU device, uses a masked PyTorch path.
 """
 
 from __future__ import annotations
