@@ -84,6 +84,9 @@ BACKENDS: dict[str, Backend] = {
 
 # fraction of computed pairs below which a sparse pattern runs faster on the block-sparse engine than dense masked SDPA
 _SPARSE_DENSITY = 0.5
+# query x key pairs up to which "auto" takes masked SDPA without scheduling the pattern: building a tile plan
+# (about 1.7 ms here) costs more than a dense 256 x 256 masked product (MoH's routed heads call this per example)
+_SMALL_PAIRS = 256 * 256
 
 
 def choose_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, return_lse: bool = False) -> str:
@@ -98,6 +101,8 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, ret
         return "sdpa"
     if q.device.type == "cuda" and BACKENDS["flex"].can_run(q, k, v, pattern, return_lse):
         return "flex"
+    if q.shape[2] * k.shape[2] <= _SMALL_PAIRS:  # scheduling would cost more than the dense masked product
+        return "sdpa"
     if BACKENDS["blocksparse"].can_run(q, k, v, pattern, return_lse):
         from headwise.core.blocksparse import computed_fraction
 

@@ -468,13 +468,16 @@ class SelectiveAttention(nn.Module):
         pattern = Causal() if self.config.causal else None
         weight = self._weights(g, G)  # (B, N, H): zero where a head is not selected
         parts, rows = [], []
+        # per-(b, h) views by unbind: one backward node per tensor (indexing q[b, h] in the loop made every
+        # backward step allocate a zero tensor of q's full size)
+        qs, ks, vs = ([t.unbind(0) for t in x_.unbind(0)] for x_ in (q, k, v))
         for b in range(B):
             for h in weight[b].any(0).nonzero().flatten().tolist():
                 idx = weight[b, :, h].nonzero().flatten()  # (S,) the tokens head h selected, in order
                 if idx.numel() == 0:
                     continue
-                sel = (b, h, idx)
-                o = attention(q[sel][None, None], k[sel][None, None], v[sel][None, None], pattern)  # (1, 1, S, D)
+                q_s, k_s, v_s = (t[b][h].index_select(0, idx)[None, None] for t in (qs, ks, vs))  # (1, 1, S, D)
+                o = attention(q_s, k_s, v_s, pattern)  # (1, 1, S, D)
                 parts.append(o[0, 0] * weight[b, idx, h, None])  # (S, D)
                 rows.append(torch.stack([torch.full_like(idx, b), torch.full_like(idx, h), idx]))  # (3, S)
         out = q.new_zeros(B, H, N, D)  # (B, H, N, D): zero where (token, head) was not selected
