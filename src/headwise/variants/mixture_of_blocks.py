@@ -298,6 +298,12 @@ class HiPAttention(_BlockSelectAttention):
     defaults; groups split as ``[lo, lo + ceil(size / 2))``; ties keep the lower position. ``causal=False``
     (window centred on the block) is an extension. Selection not differentiated; no key padding mask.
 
+    Causality: keys after a query are always masked, but a query block's selection is scored with the max over
+    *all* its queries (as the paper's blocked prefill does), so with ``block > 1`` an output can depend on later
+    queries of its own block through which key blocks were found. That is harmless for training-free prefill
+    (the paper's use) but a leak for autoregressive training: the arena's causality probe refuses ``hip`` on
+    language tasks whenever pruning happens (e.g. ``hip(block=8, topk=2, window=1)`` at N = 64).
+
     Example:
         >>> import torch, headwise
         >>> m = headwise.create("hip(block=32, topk=4)", dim=256, heads=8)
