@@ -93,6 +93,28 @@ def test_cli_arena(tmp_path, capsys):
     assert main(["arena", "--task", "mqar", "--variants", "mha(heads=", "--out", str(tmp_path)]) == 2
 
 
+def test_merge_combines_folders_later_wins_and_filters_tasks(tmp_path, capsys):
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    overrides = {"icl_regression": TINY["icl_regression"], "mqar": TINY["mqar"]}
+    ra = runner.run(["icl_regression", "mqar"], "mha(heads=1)", seeds=1, steps=2, out=a, task_overrides=overrides,
+                    progress=False, log=lambda m: None, plots=False)
+    rb = runner.run(["icl_regression"], "mha(heads=1),mha(heads=2)", seeds=1, steps=2, out=b,
+                    task_overrides={"icl_regression": TINY["icl_regression"]}, progress=False, log=lambda m: None,
+                    plots=False)
+    rows = runner.merge(out, [f"{a}:mqar", str(b)], plots=False)
+    key = lambda r: (r["task"], r["variant"], r["seed"])
+    assert sorted(map(key, rows)) == sorted(map(key, [r for r in ra if r["task"] == "mqar"] + rb))
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["header"]["tasks"]) == {"mqar", "icl_regression"} and len(data["header"]["merged_from"]) == 2
+    assert "## icl_regression" in (out / "leaderboard.md").read_text()
+    assert main(["arena", "--merge", str(a), str(b), "--out", str(tmp_path / "cli"), "--no-plots"]) == 0
+    capsys.readouterr()
+    assert main(["arena", "--merge", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    assert main(["arena", "--out", str(out)]) == 2
+    assert "--task is required" in capsys.readouterr().err
+
+
 def test_parse_overrides():
     assert runner.parse_overrides(["mqar.batch=32", "mqar.pairs=(4, 8)", "text.positions='none'"]) == {
         "mqar": {"batch": 32, "pairs": (4, 8)}, "text": {"positions": "none"}}

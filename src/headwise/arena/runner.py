@@ -42,7 +42,8 @@ from headwise.distributed.wrappers import data_parallel_train, init_from_env
 from headwise.bench.patterns import first_line
 from headwise.bench.timing import environment, peak_memory_mb
 
-__all__ = ["run", "run_one", "slug", "load_results", "default_variants", "parse_overrides", "add_arguments", "main",
+__all__ = ["run", "run_one", "merge", "slug", "load_results", "default_variants", "parse_overrides", "add_arguments",
+           "main",
            "CURVE_POINTS"]
 
 CURVE_POINTS = 50
@@ -66,6 +67,36 @@ def load_results(out: str | Path) -> dict[str, Any]:
     if not path.exists():
         return {"header": {}, "rows": []}
     return json.loads(path.read_text())
+
+
+def merge(out: str | Path, sources: Sequence[str], *, plots: bool = True) -> list[dict]:
+    """Combine the rows of several arena folders (e.g. one process per task on a small machine) into ``out``:
+    ``results.json``, the leaderboard and the plots. A source is ``DIR`` or ``DIR:task[+task]`` (only those
+    tasks' rows); a later source's row replaces an earlier one for the same (task, variant, seed, steps). The
+    header is the first source's, with every source's task presets. Returns the rows."""
+    from headwise.arena.leaderboard import write_leaderboard
+
+    if not sources:
+        raise ValueError("merge needs at least one source folder, got sources=[]")
+    by_key: dict[tuple, dict] = {}
+    header: dict = {}
+    for source in sources:
+        folder, _, only = str(source).partition(":")
+        if not (Path(folder) / "results.json").exists():
+            raise ValueError(f"source {source!r}: no results.json in {folder!r}")
+        tasks = set(only.split("+")) if only else None
+        found = load_results(folder)
+        for row in found["rows"]:
+            if tasks is None or row["task"] in tasks:
+                by_key[(row["task"], row["variant"], row["seed"], row["steps"])] = row
+        mine = {t: d for t, d in found["header"].get("tasks", {}).items() if tasks is None or t in tasks}
+        header = {**(header or found["header"]), "tasks": {**header.get("tasks", {}), **mine}}
+    rows = list(by_key.values())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out, {**header, "merged_from": [str(s) for s in sources]}, rows)
+    write_leaderboard(rows, out, plots=plots, header=header)
+    return rows
 
 
 def _write(out: Path, header: dict, rows: list[dict]) -> None:
@@ -220,8 +251,7 @@ def add_arguments(parser) -> None:
     """Add ``headwise arena`` options to an :class:`argparse.ArgumentParser` (run it with :func:`main`)."""
     from headwise.arena.tasks import available_tasks
 
-    parser.add_argument("--task", required=True,
-                        help=f"comma-separated tasks: {', '.join(available_tasks())}")
+    parser.add_argument("--task", help=f"comma-separated tasks: {', '.join(available_tasks())}")
     parser.add_argument("--variants",
                         help='comma-separated variant specs, e.g. "mha(heads=1),moba(block=16, topk=2)" '
                         "(split on commas outside parentheses; default: every registered variant)")
@@ -241,6 +271,9 @@ def add_arguments(parser) -> None:
                         "larger budget resumes it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    parser.add_argument("--merge", nargs="+", metavar="DIR[:TASK+TASK]",
+                        help="instead of training, combine these arena folders (optionally only some tasks of each; "
+                        "later ones win) into --out: results.json, leaderboard, plots")
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, dict]:
@@ -266,6 +299,13 @@ def main(args) -> int:
     """Run the arena from parsed :func:`add_arguments` options; print the leaderboard; returns 0."""
     from headwise.arena.leaderboard import to_markdown
 
+    if args.merge:
+        rows = merge(args.out, args.merge, plots=not args.no_plots)
+        print(to_markdown(rows))
+        print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'leaderboard.md'}")
+        return 0
+    if not args.task:
+        raise ValueError("--task is required (or --merge to combine finished runs)")
     if args.seeds < 1:
         raise ValueError(f"--seeds must be a positive int, got {args.seeds}")
     if args.threads < 1:
