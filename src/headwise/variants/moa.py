@@ -96,7 +96,7 @@ class MixtureOfSparseAttention(MultiHeadAttention):
         *,
         kv_heads: int | None = None,
         head_dim: int | None = None,
-        pattern: None = None,
+        pattern: Causal | None = None,
         qkv_bias: bool = True,
         out_bias: bool = True,
         dropout: float = 0.0,
