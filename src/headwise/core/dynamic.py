@@ -292,7 +292,8 @@ def candidate_attention(q: Tensor, k: Tensor, v: Tensor, extra: Tensor, n_extra:
     order, ``own_mask``: which own keys each query keeps), and any "local block + selected far keys" method.
     On the CPU kernel the candidates of every block are gathered once into a key buffer behind ``k``; each query
     tile is one GEMM over its own block (element mask) and its candidates (per-row bound ``n_extra``), so no
-    unselected far key is computed. Elsewhere (``"reference"``, other devices) the dense :func:`candidate_mask`.
+    unselected far key is computed. Elsewhere (``"reference"``, other devices, or ``block`` over
+    :data:`MAX_OWN_BLOCK`, one kernel key tile) the dense :func:`candidate_mask`: O(N^2) memory.
 
     Shapes: q ``[B, H, N, D]``, k ``[B, H, N, D]``, v ``[B, H, N, Dv]`` (one key head per query head), extra int64
     ``[B, H, ceil(N / block), W]`` (-1 = unused slot), n_extra int ``[B, H, N]`` in ``[0, W]``, own_mask bool

@@ -230,16 +230,18 @@ def dma_attention(q: Tensor, k: Tensor, v: Tensor, z: Tensor, window: int, causa
         kc = k.gather(2, idx[..., None].expand(*idx.shape, k.shape[-1]))  # (B, H, W, D)
         vc = v.gather(2, idx[..., None].expand(*idx.shape, v.shape[-1]))  # (B, H, W, Dv)
         return F.scaled_dot_product_attention(q, kc, vc, attn_mask=z.gather(-1, idx)[:, :, None, :], scale=sc)
-    qz = torch.cat([q, q.new_full((*q.shape[:3], 1), 1.0 / sc)], -1)  # (B, H, N, D + 1)
-    kz = torch.cat([k, z[..., None]], -1)  # (B, H, N, D + 1): scale * (qz . kz) = scale q.k + z
+    def bias_column():  # scale * ([q, 1/scale] . [k, z]) = scale q.k + z: the bias as one more q/k column
+        return (torch.cat([q, q.new_full((*q.shape[:3], 1), 1.0 / sc)], -1),  # (B, H, N, D + 1)
+                torch.cat([k, z[..., None]], -1))  # (B, H, N, D + 1)
+
     if window >= N:  # every query keeps all its keys: causal attention with the bias (an inner step: unobserved)
-        return F.scaled_dot_product_attention(qz, kz, v, is_causal=True, scale=sc)
+        return F.scaled_dot_product_attention(*bias_column(), v, is_causal=True, scale=sc)
     sel = dma_blocks(z.detach(), window, min(block, N))
     Bq, W = sel.block, sel.window
     nb = sel.prefix.shape[2]
     if q.device.type == "cpu" and extension() is not None and Bq <= MAX_OWN_BLOCK:
         n_prefix, keep_own = dma_block_keep(sel, 0, nb)  # (B, H, nb, Bq), (B, H, nb, Bq, Bq)
-        return candidate_attention(qz, kz, v, sel.prefix, n_prefix.view(B, H, nb * Bq)[:, :, :N], keep_own,
+        return candidate_attention(*bias_column(), v, sel.prefix, n_prefix.view(B, H, nb * Bq)[:, :, :N], keep_own,
                                    block=Bq, scale=sc)
     pad = nb * Bq - N
     qp, kp, vp = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, H, nb*Bq, .)
