@@ -9,7 +9,7 @@
 from headwise import linear, patterns
 from headwise.core import attention, merge_attention
 from headwise.variants import available, create, register
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ from headwise.variants.cross import (
     relative_position_index,
     reliability_balance,
 )
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 F64 = torch.float64
 

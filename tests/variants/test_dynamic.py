@@ -23,7 +23,7 @@ from headwise.variants.dynamic import (
     naive_topk_attention,
     topk_attention,
 )
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)

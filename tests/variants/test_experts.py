@@ -15,7 +15,7 @@ from headwise.variants.experts import (
     top_k_gates,
     upcycle_attention,
 )
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 DIM, HEADS = 48, 4
 

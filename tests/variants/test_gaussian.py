@@ -15,7 +15,7 @@ from headwise.variants.gaussian import (
     importance_factor,
     naive_gaussian_weights,
 )
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 F64 = torch.float64
 

@@ -16,7 +16,7 @@ from headwise.variants.heads import (
     dense_head_mixture,
     gather_head_mixture,
 )
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 F64 = torch.float64
 

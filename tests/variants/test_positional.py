@@ -16,7 +16,7 @@ from headwise.variants.positional import (
     naive_rcmha_attention,
     polar,
 )
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 DIM, HEADS = 48, 4  # head_dim 12
 

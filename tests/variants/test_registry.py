@@ -8,7 +8,7 @@ from torch import nn
 
 import headwise
 from headwise.variants import registry
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 
 def test_available_lists_sorted_builtin_names():

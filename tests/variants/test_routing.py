@@ -5,7 +5,7 @@ import torch
 
 from headwise.patterns import Causal
 from headwise.variants.routing import AttentionAwareRouter, attention_aware_gates, naive_attention_aware_gates
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 F64 = torch.float64
 

@@ -46,7 +46,7 @@ import headwise
 from headwise import patterns
 from headwise.bench.patterns import first_line
 from headwise.spec import parse_spec
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 from headwise.variants.registry import get
 
 __all__ = ["Unsupported", "MixerPlan", "plan_mixer", "plan_layers", "Mixer", "Block", "LanguageModel", "ImageEncoder",

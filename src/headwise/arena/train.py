@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 
 __all__ = ["cosine_lr", "train", "TrainResult", "progress_bar"]
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from headwise.distributed.head_parallel import head_parallel_attention
 from headwise.distributed.ring import ring_attention
 from headwise.distributed.sharding import LAYOUTS, collective, world_and_rank
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __all__ = ["ContextParallel", "METHODS", "supports", "shard_batch", "data_parallel_train", "init_from_env",
            "DataParallel"]
@@ -22,7 +22,7 @@ METHODS = {"ring": ring_attention, "heads": head_parallel_attention}
 
 
 def supports(module: nn.Module) -> bool:
-    """True for :class:`~headwise.variants.softmax.MultiHeadAttention` and its subclasses that keep its
+    """True for :class:`~headwise.variants.mha.MultiHeadAttention` and its subclasses that keep its
     ``project`` and ``forward`` (registered: ``mha``, ``gqa``, ``mqa``): projections per token, then
     :func:`headwise.attention` with the module's pattern, then the output projection."""
     cls = type(module)

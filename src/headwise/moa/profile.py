@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from headwise.core.reference import naive_attention
 from headwise.patterns import Causal, Pattern
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __all__ = ["attention_influence", "dense_probabilities", "InfluenceProfiler", "attention_layers"]
 

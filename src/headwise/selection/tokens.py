@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from headwise.variants.checks import check_positive_int as _check_count
+from headwise.checks import check_positive_int as _check_count
 
 __all__ = [
     "top_indices",

@@ -4,7 +4,7 @@ a learned dictionary (``"dictionary_cross"``), ACMIL's multiple-branch attention
 DiTCtrl / IR-Diffusion's region-masked key/value sharing between two passes (``"shared_kv"``) and ARBEx's
 window cross-attention with reliability balancing (``"window_cross"``, :func:`reliability_balance`).
 
-The softmax attention of every module here is :class:`~headwise.variants.softmax.MultiHeadAttention` (its
+The softmax attention of every module here is :class:`~headwise.variants.mha.MultiHeadAttention` (its
 projections and :func:`headwise.attention`); ACMIL's gated attention pooling is additive attention with learned
 branch queries and keeps its scores explicit, because its top-k instance masking and its outputs need them.
 """
@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from headwise.core.attention import attention
 from headwise.patterns import Pattern
 from headwise.selection.tokens import attention_rollout, rollout_select
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __all__ = [
     "MultiScaleHeads",

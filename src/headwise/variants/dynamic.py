@@ -31,9 +31,9 @@ from headwise.core.checks import check_qkv, default_scale
 from headwise.core.dynamic import MAX_OWN_BLOCK, candidate_attention
 from headwise.core.reference import masked_attention, masked_softmax
 from headwise.selection.tokens import dma_block_keep, dma_blocks, dma_key_rank, dma_mask, topk_mask
-from headwise.variants.checks import check_bool, check_positive_int
+from headwise.checks import check_bool, check_positive_int
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __all__ = [
     "keep_attention",

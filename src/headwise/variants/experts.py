@@ -19,9 +19,9 @@ from headwise import patterns
 from headwise.core.attention import BACKENDS, attention
 from headwise.core.reference import naive_attention
 from headwise.patterns import Causal, Pattern
-from headwise.variants.checks import check_bool, check_positive_int
+from headwise.checks import check_bool, check_positive_int
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __all__ = [
     "top_k_gates",
@@ -107,7 +107,7 @@ class AttentionExperts(nn.Module):
 
     Choices made here: the router is a bias-free linear layer with softmax (BAM: "the router layers are
     initialized randomly"); no load-balancing loss, since soft routing activates every expert. With
-    ``experts=1`` the module is exactly :class:`~headwise.variants.softmax.MultiHeadAttention` with the same
+    ``experts=1`` the module is exactly :class:`~headwise.variants.mha.MultiHeadAttention` with the same
     weights (the router's softmax over one expert is 1). ``topk`` is an addition for experiments, not BAM's
     method. BAM's parallel attention/FFN block layout is outside this module.
 
@@ -270,7 +270,7 @@ def upcycle_attention(
     Each expert's ``W^Q, W^K, W^V, W^O`` (and biases) are copied from its dense layer; with ``share_kv=True`` the
     shared ``W^K, W^V`` are the average of the layers' (BAM merges every non-expert parameter by averaging). The
     router is freshly initialised (as in BAM), so the result must be trained further; with one layer it computes
-    exactly what that layer computes. The layers must be :class:`~headwise.variants.softmax.MultiHeadAttention`
+    exactly what that layer computes. The layers must be :class:`~headwise.variants.mha.MultiHeadAttention`
     modules (``"mha"``) with equal width, heads, head width, biases, pattern and backend; the result has their
     dtype and device.
 

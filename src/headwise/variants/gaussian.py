@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from headwise.core.attention import attention
 from headwise.patterns import Pattern
 from headwise.variants.heads import _check_choice, _check_tokens, _is_number
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __all__ = [
     "GaussianAdaptiveAttention",

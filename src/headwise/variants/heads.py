@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from headwise import patterns
 from headwise.core.attention import BACKENDS, attention
 from headwise.patterns import Causal, Full, Pattern
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __all__ = [
     "MixtureOfHeadsAttention",

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from headwise.core.attention import BACKENDS
 from headwise.linear import agent_attention, chunk_linear_attention, decay_rates, recurrent_linear_attention
 from headwise.linear.base import apply_normalizer, with_normalizer
-from headwise.variants.checks import check_bool, check_positive_int, resolve_head_dim
+from headwise.checks import check_bool, check_positive_int, resolve_head_dim
 from headwise.variants.registry import register
 
 __all__ = ["LightningAttention", "LinearAttention", "AgentAttention"]

@@ -34,7 +34,7 @@ from headwise.selection.blocks import (
     VMOBA_PARTITIONS, hip_select, moba_select, vmoba_layer_partition, vmoba_partition,
     vmoba_select,
 )
-from headwise.variants.checks import check_bool, check_positive_int
+from headwise.checks import check_bool, check_positive_int
 from headwise.variants.dynamic import _Projected, _ProjectionConfig
 from headwise.variants.registry import register
 

@@ -19,7 +19,7 @@ from headwise.core.attention import attention
 from headwise.moa.plan import MoAPlan
 from headwise.patterns import Causal
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __all__ = ["MixtureOfSparseAttention", "apply_plan"]
 

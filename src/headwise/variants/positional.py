@@ -17,9 +17,9 @@ from headwise import patterns
 from headwise.core.attention import BACKENDS, attention
 from headwise.core.checks import default_scale
 from headwise.patterns import Pattern
-from headwise.variants.checks import check_bool, check_positive_int, resolve_head_dim
+from headwise.checks import check_bool, check_positive_int, resolve_head_dim
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __all__ = [
     "ComplexAttention",

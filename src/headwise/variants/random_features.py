@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 from headwise.core.attention import BACKENDS, attention
 from headwise.core.reference import naive_attention
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __all__ = ["RandomFeatureAttention", "naive_random_feature_attention", "sample_query_key"]
 

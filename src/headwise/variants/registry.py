@@ -1,9 +1,9 @@
 """Name-to-class registry of attention modules and the variant spec strings that name them.
 
-A registered class has a ``Config`` dataclass (one field per constructor keyword, each with a one-line
-comment) and an ``__init__`` taking those fields as keywords. ``create("moba(block=512, topk=4)", dim=256,
-heads=8)`` parses the spec, merges its keywords over the call's, validates them against ``Config`` and builds
-the module.
+A registered class is a :class:`~headwise.variants.base.Variant`: a ``Config`` dataclass (one field per
+constructor keyword, each with a one-line comment) from which its constructor is generated, and declared
+``capabilities``. ``create("moba(block=512, topk=4)", dim=256, heads=8)`` parses the spec, merges its keywords
+over the call's, checks them against ``Config`` and builds the module.
 """
 
 from __future__ import annotations
@@ -18,17 +18,23 @@ from headwise.spec import parse_spec
 __all__ = ["register", "create", "available", "get", "parse_spec", "config_fields"]
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
+_STRICT = False  # TRANSITION: True once every family is on the Variant base
 
 
 def register(name: str):
-    """Class decorator: register a module class under ``name`` (must have a ``Config`` dataclass)."""
+    """Class decorator: register a :class:`~headwise.variants.base.Variant` subclass under ``name``."""
 
     def deco(cls):
+        from headwise.variants.base import Variant
+
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"variant {name=} is already registered to {_REGISTRY[name].__qualname__}")
         config = getattr(cls, "Config", None)
         if config is None or not dataclasses.is_dataclass(config):
             raise TypeError(f"{cls.__qualname__} needs a `Config` dataclass to be registered as {name!r}")
+        if not (isinstance(cls, type) and issubclass(cls, Variant)) and _STRICT:
+            raise TypeError(f"{cls.__qualname__} must subclass headwise.variants.base.Variant (declared capabilities, "
+                            f"a generated constructor) to be registered as {name!r}")
         _REGISTRY[name] = cls
         cls.registry_name = name
         return cls
@@ -52,6 +58,7 @@ def get(name: str) -> type[nn.Module]:
 
 
 def config_fields(name: str) -> list[str]:
+    """The config field names of variant ``name``, in declaration order."""
     return [f.name for f in dataclasses.fields(get(name).Config)]
 
 
@@ -62,18 +69,19 @@ def create(spec: str, **config: Any) -> nn.Module:
     """
     name, spec_kwargs = parse_spec(spec)
     cls = get(name)
-    merged = {**config, **spec_kwargs}
-    names = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = sorted(set(merged) - names)
+    resolve = getattr(cls, "resolve_aliases", lambda kw: kw)  # TRANSITION
+    merged = {**resolve(config), **resolve(spec_kwargs)}
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(merged) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown} for variant {name!r}; valid keys: {sorted(names)}")
-    try:
-        cfg = cls.Config(**merged)
-    except TypeError as e:  # missing required fields
-        raise ValueError(f"bad config for variant {name!r}: {e}") from None
-    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+        raise ValueError(f"unknown config key(s) {unknown} for variant {name!r}; valid keys: {sorted(fields)}")
+    missing = [k for k, f in fields.items() if k not in merged and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"bad config for variant {name!r}: missing required field(s) {missing}")
+    return cls(**merged)
 
 
 def _load_builtin() -> None:
-    # importing the families registers their classes
+    # importing the package imports every variant module, which registers its classes
     import headwise.variants  # noqa: F401

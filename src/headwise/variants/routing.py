@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from headwise.core.attention import BACKENDS, attention
 from headwise.patterns import Pattern
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 
 __all__ = ["attention_aware_gates", "naive_attention_aware_gates", "AttentionAwareRouter"]
 

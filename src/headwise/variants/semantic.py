@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 from headwise.variants.registry import register
 from headwise.variants.vision import _check_tokens
 

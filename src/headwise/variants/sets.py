@@ -1,7 +1,7 @@
 """Attention over sets and memory banks: the Distribution Transformer's GMM-component layer with OAT-style
 object-level positions (``"set_attention"``) and M3's Gaussian memory attention (``"memory_attention"``).
 
-Both call :func:`headwise.attention` (through :class:`~headwise.variants.softmax.MultiHeadAttention` where the
+Both call :func:`headwise.attention` (through :class:`~headwise.variants.mha.MultiHeadAttention` where the
 projections are the standard ones) and are permutation-equivariant in their query set.
 """
 
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from headwise.core.attention import BACKENDS, attention
-from headwise.variants.softmax import MultiHeadAttention
-from headwise.variants.checks import check_positive_int
+from headwise.variants.mha import MultiHeadAttention
+from headwise.checks import check_positive_int
 from headwise.variants.registry import register
 
 __all__ = ["object_positional_encoding", "SetAttention", "MemoryAttention"]

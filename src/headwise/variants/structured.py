@@ -2,7 +2,7 @@
 blocked local attention with halo (``"halo"``) and TiC's attention in convolution windows (``"msa_conv"``, with
 its multi-directional cyclic shift and inter-pooling).
 
-Both are thin: each attention is a :class:`~headwise.variants.softmax.MultiHeadAttention` restricted to a pattern
+Both are thin: each attention is a :class:`~headwise.variants.mha.MultiHeadAttention` restricted to a pattern
 of :mod:`headwise.patterns.structured`, so every backend of :func:`headwise.attention` runs them (the block-sparse
 engine visits only the tiles of the pattern). Inputs are batch-first token sequences ``[B, N, C]`` with the
 ``N = prod(grid)`` tokens of the 2-D (or 1-D / 3-D) grid flattened row-major.
@@ -18,7 +18,7 @@ from headwise.core.attention import attention
 from headwise.core.merge import merge_attention
 from headwise.patterns.structured import ConvWindow, CyclicShift, Halo, MaxViTBlock, MaxViTGrid, directional_shifts
 from headwise.variants.registry import register
-from headwise.variants.softmax import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention
 
 __all__ = ["MaxViTAttention", "HaloAttention", "MSAConv", "pool_grid"]
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 from headwise.variants.registry import register
 
 __all__ = [

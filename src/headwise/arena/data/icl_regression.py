@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from headwise.arena.data._common import check_generator
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 
 __all__ = ["icl_regression_batch", "icl_tokens", "ridge_predict", "gd_one_step_predict", "gd_optimal_step",
            "zero_predict"]

@@ -16,7 +16,7 @@ import torch
 
 from headwise.arena.data._common import check_generator
 from headwise.arena.data.mqar import IGNORE_INDEX
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 
 __all__ = ["induction_batch"]
 

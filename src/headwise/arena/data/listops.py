@@ -30,7 +30,7 @@ import random
 import torch
 
 from headwise.arena.data._common import check_generator, python_seed
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 
 __all__ = ["listops_batch", "listops_tree", "listops_tokens", "listops_value", "LISTOPS_TOKENS", "LISTOPS_VOCAB",
            "LISTOPS_QUICK", "LISTOPS_LRA"]

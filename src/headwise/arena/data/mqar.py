@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from headwise.arena.data._common import check_generator
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 
 __all__ = ["IGNORE_INDEX", "mqar_batch", "mqar_mixed_batch", "mqar_gap_probs"]
 

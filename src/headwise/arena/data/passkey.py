@@ -24,7 +24,7 @@ import torch
 
 from headwise.arena.data._common import check_fraction, check_generator
 from headwise.arena.data.mqar import IGNORE_INDEX
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 
 __all__ = ["passkey_batch", "PASSKEY_VOCAB", "KEY_MARK", "QUERY", "FILLER_PERIOD"]
 

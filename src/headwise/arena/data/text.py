@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from headwise.arena.data._common import check_generator
-from headwise.variants.checks import check_positive_int
+from headwise.checks import check_positive_int
 
 __all__ = ["text_corpus", "text_batch", "text_windows", "TEXT_VOCAB"]
 

@@ -1,35 +1,32 @@
-"""Softmax multi-head attention modules: MHA, GQA and MQA (registered as ``"mha"``, ``"gqa"``, ``"mqa"``).
+"""Multi-head, grouped-query and multi-query attention (registered as ``"mha"``, ``"gqa"``, ``"mqa"``).
 
 Multi-head attention from "Attention Is All You Need" (Vaswani et al., 2017), with the key/value heads shared
 by groups of query heads as in grouped-query attention (GQA: Ainslie et al., 2023, "GQA: Training Generalized
 Multi-Query Transformer Models from Multi-Head Checkpoints") and multi-query attention (MQA: Shazeer, 2019,
 "Fast Transformer Decoding: One Write-Head is All You Need"). The modules own the projections and call
-:func:`headwise.attention` for the attention itself, so every pattern and backend works with them.
+:func:`headwise.attention` for the attention itself, so every pattern and backend works with them. The dense
+reference of the module is :func:`naive_mha`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from headwise import patterns
-from headwise.core.attention import BACKENDS, attention
-from headwise.patterns import Pattern
-from headwise.variants.checks import check_positive_int
+from headwise.core.attention import attention
+from headwise.variants.base import Capabilities, SoftmaxAttention
 from headwise.variants.registry import register
 
-__all__ = ["MultiHeadAttention", "GroupedQueryAttention", "MultiQueryAttention"]
-
-
-
+__all__ = ["MultiHeadAttention", "GroupedQueryAttention", "MultiQueryAttention", "naive_mha"]
 
 
 @register("mha")
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(SoftmaxAttention):
     r"""Multi-head softmax attention (Vaswani et al., 2017), batch-first, with GQA/MQA key/value sharing.
 
     .. math::
@@ -56,14 +53,16 @@ class MultiHeadAttention(nn.Module):
         pattern: a :class:`headwise.patterns.Pattern` or a pattern spec string (parsed by
             ``headwise.patterns.from_spec``) restricting which (query, key) pairs attend; default ``None``,
             full attention.
+        causal: query ``i`` attends keys ``j <= i`` only, intersected with ``pattern`` (default False;
+            ``causal=True`` is ``pattern=Causal()``).
         qkv_bias: bias in the q, k, v projections (default True).
         out_bias: bias in the output projection (default True).
         dropout: dropout probability on the module output, in ``[0, 1)`` (default 0).
         backend: :func:`headwise.attention` backend, ``"auto"`` (default), ``"reference"``, ``"sdpa"``,
             ``"blocksparse"`` or ``"flex"``.
 
-    Choices made here: q is one projection ``W^Q`` (``C -> H D``) and k, v one fused projection ``C -> 2 H_kv D``
-    (``kv_proj``: rows ``[:H_kv D]`` are ``W^K``, the rest ``W^V``); the output projection is ``H D -> C``.
+    Choices made here: ``q_proj`` is ``W^Q`` (``C -> H D``), ``k_proj`` and ``v_proj`` are ``W^K`` and ``W^V``
+    (``C -> H_kv D``); the output projection ``out_proj`` is ``H D -> C``.
     ``dropout`` is the residual dropout of the paper (Sec. 5.4), applied to the module output, not to the
     attention probabilities as :class:`torch.nn.MultiheadAttention` does (:func:`headwise.attention` has no
     probability dropout). Weights use the default :class:`torch.nn.Linear` initialisation. The context has the
@@ -80,94 +79,8 @@ class MultiHeadAttention(nn.Module):
         torch.Size([2, 100, 256])
     """
 
-    @dataclass
-    class Config:
-        dim: int  # model width C of the input x [B, N, C] and of the output
-        heads: int  # number of query heads H
-        kv_heads: int | None = None  # key/value heads H_kv, H % H_kv == 0; None: the family default (mha: H)
-        head_dim: int | None = None  # per-head width D; None: dim // heads
-        pattern: Pattern | str | None = None  # allowed (query, key) pairs: a Pattern or spec string; None: all
-        qkv_bias: bool = True  # bias in the q, k, v projections
-        out_bias: bool = True  # bias in the output projection
-        dropout: float = 0.0  # dropout probability on the module output, in [0, 1)
-        backend: str = "auto"  # headwise.attention backend: "auto", "reference", "sdpa", "blocksparse", "flex"
-
-        def __post_init__(self):
-            check_positive_int("dim", self.dim)
-            check_positive_int("heads", self.heads)
-            if self.kv_heads is None:
-                self.kv_heads = self.default_kv_heads()
-            check_positive_int("kv_heads", self.kv_heads)
-            if self.heads % self.kv_heads:
-                raise ValueError(f"heads must be a multiple of kv_heads, got heads={self.heads} kv_heads={self.kv_heads}")
-            if self.head_dim is None:
-                if self.dim % self.heads:
-                    raise ValueError(f"dim must be divisible by heads when head_dim is None, got dim={self.dim} "
-                                     f"heads={self.heads}; pass head_dim= to choose the head width")
-                self.head_dim = self.dim // self.heads
-            check_positive_int("head_dim", self.head_dim)
-            if isinstance(self.pattern, str):
-                self.pattern = patterns.from_spec(self.pattern)
-            if self.pattern is not None and not isinstance(self.pattern, Pattern):
-                raise TypeError(f"pattern must be a headwise Pattern, a pattern spec string or None, "
-                                f"got pattern={self.pattern!r} ({type(self.pattern).__name__})")
-            if self.pattern is not None and self.pattern.heads not in (None, self.heads):
-                raise ValueError(f"head-specific pattern has {self.pattern.heads} heads but heads={self.heads}")
-            for name in ("qkv_bias", "out_bias"):
-                if not isinstance(getattr(self, name), bool):
-                    raise TypeError(f"{name} must be a bool, got {name}={getattr(self, name)!r}")
-            if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-                raise ValueError(f"dropout must be a number in [0, 1), got dropout={self.dropout!r}")
-            self.dropout = float(self.dropout)
-            if self.backend != "auto" and self.backend not in BACKENDS:
-                raise ValueError(f"unknown backend={self.backend!r}; valid: 'auto', " + ", ".join(map(repr, BACKENDS)))
-
-        def default_kv_heads(self) -> int:
-            """``kv_heads`` when not given: one key/value head per query head."""
-            return self.heads
-
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        *,
-        kv_heads: int | None = None,
-        head_dim: int | None = None,
-        pattern: Pattern | str | None = None,
-        qkv_bias: bool = True,
-        out_bias: bool = True,
-        dropout: float = 0.0,
-        backend: str = "auto",
-    ):
-        super().__init__()
-        self.config = cfg = self.Config(
-            dim=dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim, pattern=pattern,
-            qkv_bias=qkv_bias, out_bias=out_bias, dropout=dropout, backend=backend,
-        )
-        self.dim, self.heads, self.kv_heads, self.head_dim = cfg.dim, cfg.heads, cfg.kv_heads, cfg.head_dim
-        self.pattern, self.backend = cfg.pattern, cfg.backend
-        self.q_proj = nn.Linear(cfg.dim, cfg.heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.kv_proj = nn.Linear(cfg.dim, 2 * cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Check ``x`` ``[B, N, C]`` and ``context`` ``[B, M, C]`` (``x`` when None) and project them to
-        ``q`` ``[B, H, N, D]``, ``k`` and ``v`` ``[B, H_kv, M, D]`` (shared by the variants built on this class)."""
-        self._check_tokens("x", x)
-        B, N, _ = x.shape
-        if context is None:
-            context = x
-        else:
-            self._check_tokens("context", context)
-            if context.shape[0] != B:
-                raise ValueError(f"x and context batch sizes differ: x.shape={tuple(x.shape)}, "
-                                 f"context.shape={tuple(context.shape)}")
-        M = context.shape[1]
-        H, H_kv, D = self.heads, self.kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
-        k, v = self.kv_proj(context).view(B, M, 2, H_kv, D).permute(2, 0, 3, 1, 4)  # 2 x (B, H_kv, M, D)
-        return q, k, v
+    capabilities = Capabilities(causal="optional", context=True, key_padding=True, softmax=True)
+    example_config = {"dim": 16, "heads": 4, "kv_heads": 2}
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, key_padding_mask: Tensor | None = None) -> Tensor:
         """Attend from ``x`` ``[B, N, C]`` to ``context`` ``[B, M, C]`` (``x`` itself when None); returns ``[B, N, C]``.
@@ -176,14 +89,10 @@ class MultiHeadAttention(nn.Module):
         :class:`torch.nn.MultiheadAttention` convention). It combines with the module's ``pattern``.
         """
         q, k, v = self.project(x, context)  # (B, H, N, D), 2 x (B, H_kv, M, D)
-        B, M = x.shape[0], k.shape[2]
         if key_padding_mask is None:
-            out = attention(q, k, v, self.pattern, backend=self.backend)  # (B, H, N, D)
-        else:
-            self._check_padding(key_padding_mask, B, M)
-            out = self._attend_padded(q, k, v, ~key_padding_mask)  # (B, H, N, D)
-        out = out.transpose(1, 2).reshape(B, x.shape[1], -1)  # (B, N, H*D)
-        return self.dropout(self.out_proj(out))  # (B, N, C)
+            return self.finish(self.attend(q, k, v))  # (B, N, C)
+        self._check_padding(key_padding_mask, x.shape[0], k.shape[2])
+        return self.finish(self._attend_padded(q, k, v, ~key_padding_mask))  # (B, N, C)
 
     def _attend_padded(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> Tensor:
         """Attention with keys restricted per batch element by ``keep`` ``[B, M]`` (True = a real key)."""
@@ -209,14 +118,6 @@ class MultiHeadAttention(nn.Module):
             return outs[0]
         return torch.cat(outs)[torch.argsort(torch.cat(order))]  # (B, H, N, D) in batch order
 
-    def _check_tokens(self, name: str, t: Tensor) -> None:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor [B, N, C], got {type(t).__name__}")
-        if t.dim() != 3 or t.shape[-1] != self.dim:
-            raise ValueError(f"{name} must be [B, N, C] with C = dim = {self.dim}, got {name}.shape={tuple(t.shape)}")
-        if t.shape[0] < 1 or t.shape[1] < 1:
-            raise ValueError(f"{name} must have at least one batch element and token, got {name}.shape={tuple(t.shape)}")
-
     @staticmethod
     def _check_padding(key_padding_mask: Tensor, B: int, M: int) -> None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
@@ -225,11 +126,6 @@ class MultiHeadAttention(nn.Module):
         if tuple(key_padding_mask.shape) != (B, M):
             raise ValueError(f"key_padding_mask must be [B, M] = {[B, M]}, got key_padding_mask.shape="
                              f"{tuple(key_padding_mask.shape)}")
-
-    def extra_repr(self) -> str:
-        c = self.config
-        return (f"dim={c.dim}, heads={c.heads}, kv_heads={c.kv_heads}, head_dim={c.head_dim}, "
-                f"pattern={c.pattern!r}, backend={c.backend!r}")
 
 
 @register("gqa")
@@ -262,8 +158,8 @@ class MultiQueryAttention(MultiHeadAttention):
 
     Example:
         >>> import headwise
-        >>> headwise.create("mqa", dim=512, heads=8).kv_proj.out_features   # 2 * 1 * 64
-        128
+        >>> headwise.create("mqa", dim=512, heads=8).k_proj.out_features   # 1 key head of 64
+        64
     """
 
     @dataclass
@@ -276,3 +172,34 @@ class MultiQueryAttention(MultiHeadAttention):
             if self.kv_heads not in (None, 1):
                 raise ValueError(f"mqa has exactly one key/value head, got kv_heads={self.kv_heads!r}; use gqa for more")
             super().__post_init__()
+
+
+def naive_mha(m: SoftmaxAttention, x: Tensor, context: Tensor | None = None, key_padding_mask: Tensor | None = None,
+              pattern: patterns.Pattern | None | str = "module") -> Tensor:
+    """The reference of :class:`MultiHeadAttention` (and of every :class:`~headwise.variants.base.SoftmaxAttention`
+    step), written out with the module's own weights: ``F.linear`` projections, materialized scores, the
+    pattern's dense mask and the padding mask, softmax (rows with no key give zeros), output projection.
+
+    ``pattern``: the mask to apply; default ``"module"``, the module's :meth:`attention_pattern`. Shapes as
+    :meth:`MultiHeadAttention.forward`. The output dropout is not applied (compare in ``eval()`` mode).
+    """
+    c = x if context is None else context
+    B, N, _ = x.shape
+    M = c.shape[1]
+    H, H_kv, D = m.heads, m.kv_heads, m.head_dim
+    q = F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
+    k = F.linear(c, m.k_proj.weight, m.k_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
+    v = F.linear(c, m.v_proj.weight, m.v_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
+    k = k.repeat_interleave(H // H_kv, dim=1)  # (B, H, M, D): query head h reads kv head h // (H / H_kv)
+    v = v.repeat_interleave(H // H_kv, dim=1)  # (B, H, M, D)
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, N, M)
+    allowed = torch.ones(B, H, N, M, dtype=torch.bool, device=x.device)
+    if isinstance(pattern, str) and pattern == "module":
+        pattern = m.attention_pattern(N, M)
+    if pattern is not None:
+        allowed &= pattern.dense_mask(N, M).to(x.device)[None]  # (1, H or 1, N, M)
+    if key_padding_mask is not None:
+        allowed &= ~key_padding_mask[:, None, None, :]  # (B, 1, 1, M)
+    p = torch.softmax(s.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(0.0)  # (B, H, N, M)
+    out = (p @ v).transpose(1, 2).reshape(B, N, H * D)  # (B, N, H*D)
+    return F.linear(out, m.out_proj.weight, m.out_proj.bias)  # (B, N, C)

@@ -1,4 +1,4 @@
-"""MultiHeadAttention / GQA / MQA against a hand-written float64 computation and torch.nn.MultiheadAttention."""
+"""MultiHeadAttention / GQA / MQA against the float64 reference (naive_mha) and torch.nn.MultiheadAttention."""
 
 import math
 import re
@@ -10,34 +10,9 @@ from torch import nn
 
 import headwise
 from headwise.patterns import Causal, Full, PerHead
-from headwise.variants.softmax import GroupedQueryAttention, MultiHeadAttention, MultiQueryAttention
+from headwise.variants.mha import GroupedQueryAttention, MultiHeadAttention, MultiQueryAttention, naive_mha
 
 F64 = torch.float64
-
-
-def naive_mha(m: MultiHeadAttention, x, context=None, key_padding_mask=None):
-    """Multi-head attention written out with the module's own weights: F.linear projections, materialized
-    scores, the pattern's dense mask and the padding mask, softmax (rows with no key -> 0), output projection."""
-    c = x if context is None else context
-    B, N, _ = x.shape
-    M = c.shape[1]
-    H, H_kv, D = m.heads, m.kv_heads, m.head_dim
-    w_k, w_v = m.kv_proj.weight.chunk(2)
-    b_k, b_v = m.kv_proj.bias.chunk(2) if m.kv_proj.bias is not None else (None, None)
-    q = F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
-    k = F.linear(c, w_k, b_k).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
-    v = F.linear(c, w_v, b_v).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
-    k = k.repeat_interleave(H // H_kv, dim=1)  # (B, H, M, D): query head h reads kv head h // (H / H_kv)
-    v = v.repeat_interleave(H // H_kv, dim=1)  # (B, H, M, D)
-    s = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, N, M)
-    allowed = torch.ones(B, H, N, M, dtype=torch.bool)
-    if m.pattern is not None:
-        allowed &= m.pattern.dense_mask(N, M)[None]  # (1, H or 1, N, M)
-    if key_padding_mask is not None:
-        allowed &= ~key_padding_mask[:, None, None, :]  # (B, 1, 1, M)
-    p = torch.softmax(s.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(0.0)  # (B, H, N, M)
-    out = (p @ v).transpose(1, 2).reshape(B, N, H * D)  # (B, N, H*D)
-    return F.linear(out, m.out_proj.weight, m.out_proj.bias)  # (B, N, C)
 
 
 def padding(lengths, M):
@@ -99,8 +74,8 @@ def test_float32_matches_float64_naive():
 def test_head_dim_independent_of_dim():
     torch.manual_seed(0)
     m = MultiHeadAttention(30, 4, head_dim=16, qkv_bias=False, out_bias=False).to(F64)
-    assert (m.q_proj.out_features, m.kv_proj.out_features, m.out_proj.in_features) == (64, 128, 64)
-    assert m.q_proj.bias is None and m.kv_proj.bias is None and m.out_proj.bias is None
+    assert (m.q_proj.out_features, m.k_proj.out_features, m.v_proj.out_features, m.out_proj.in_features) == (64, 64, 64, 64)
+    assert m.q_proj.bias is None and m.k_proj.bias is None and m.v_proj.bias is None and m.out_proj.bias is None
     x = torch.randn(2, 11, 30, dtype=F64)
     torch.testing.assert_close(m(x), naive_mha(m, x), rtol=1e-10, atol=1e-10)
 
@@ -111,7 +86,7 @@ def test_headwise_attention_reference_matches_module_projections():
     m = GroupedQueryAttention(32, 8, kv_heads=2, pattern=Causal()).to(F64)
     x = torch.randn(2, 21, 32, dtype=F64)
     q = m.q_proj(x).view(2, 21, 8, 4).transpose(1, 2)  # (B, H, N, D)
-    k, v = (t.view(2, 21, 2, 4).transpose(1, 2) for t in m.kv_proj(x).chunk(2, dim=-1))  # (B, H_kv, N, D)
+    k, v = (p(x).view(2, 21, 2, 4).transpose(1, 2) for p in (m.k_proj, m.v_proj))  # (B, H_kv, N, D)
     o = headwise.attention(q, k, v, Causal(), backend="reference").transpose(1, 2).reshape(2, 21, 32)
     torch.testing.assert_close(m(x), m.out_proj(o), rtol=1e-12, atol=1e-12)
 
@@ -119,8 +94,8 @@ def test_headwise_attention_reference_matches_module_projections():
 def _torch_mha_from(m: MultiHeadAttention) -> nn.MultiheadAttention:
     ref = nn.MultiheadAttention(m.dim, m.heads, batch_first=True, dtype=m.q_proj.weight.dtype)
     with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([m.q_proj.weight, m.kv_proj.weight]))  # [W_q; W_k; W_v]
-        ref.in_proj_bias.copy_(torch.cat([m.q_proj.bias, m.kv_proj.bias]))
+        ref.in_proj_weight.copy_(torch.cat([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]))  # [W_q; W_k; W_v]
+        ref.in_proj_bias.copy_(torch.cat([m.q_proj.bias, m.k_proj.bias, m.v_proj.bias]))
         ref.out_proj.weight.copy_(m.out_proj.weight)
         ref.out_proj.bias.copy_(m.out_proj.bias)
     return ref
@@ -152,24 +127,25 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
     with torch.no_grad():
         mha.q_proj.load_state_dict(gqa.q_proj.state_dict())
         mha.out_proj.load_state_dict(gqa.out_proj.state_dict())
-        w = gqa.kv_proj.weight.view(2, 2, 8, 48).repeat_interleave(3, dim=1)  # (k|v, H, D, C)
-        b = gqa.kv_proj.bias.view(2, 2, 8).repeat_interleave(3, dim=1)  # (k|v, H, D)
-        mha.kv_proj.weight.copy_(w.reshape(96, 48))
-        mha.kv_proj.bias.copy_(b.reshape(96))
+        for name in ("k_proj", "v_proj"):  # each kv head's rows repeated for the 3 query heads of its group
+            w = getattr(gqa, name).weight.view(2, 8, 48).repeat_interleave(3, dim=0)  # (H, D, C)
+            b = getattr(gqa, name).bias.view(2, 8).repeat_interleave(3, dim=0)  # (H, D)
+            getattr(mha, name).weight.copy_(w.reshape(48, 48))
+            getattr(mha, name).bias.copy_(b.reshape(48))
     x = torch.randn(2, 19, 48, dtype=F64)
     torch.testing.assert_close(gqa(x), mha(x), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
     "spec, kv_heads, kv_features",
-    [("mha", 8, 2 * 8 * 8), ("gqa", 2, 2 * 2 * 8), ("gqa(kv_heads=4)", 4, 2 * 4 * 8), ("mqa", 1, 2 * 1 * 8)],
+    [("mha", 8, 8 * 8), ("gqa", 2, 2 * 8), ("gqa(kv_heads=4)", 4, 4 * 8), ("mqa", 1, 1 * 8)],
     ids=["mha", "gqa-default", "gqa-kv4", "mqa"],
 )
 def test_kv_heads_and_shapes(spec, kv_heads, kv_features):
     m = headwise.create(spec, dim=64, heads=8)
     assert m.config.kv_heads == kv_heads == m.kv_heads
     assert m.q_proj.weight.shape == (64, 64)
-    assert m.kv_proj.weight.shape == (kv_features, 64)
+    assert m.k_proj.weight.shape == m.v_proj.weight.shape == (kv_features, 64)
     x = torch.randn(2, 10, 64)
     assert m(x).shape == (2, 10, 64)
     assert m(x, torch.randn(2, 3, 64)).shape == (2, 10, 64)
@@ -243,7 +219,7 @@ def test_all_padding_element_gives_output_bias_and_no_nan(backend):
     out = m(x, key_padding_mask=padding([7, 0], 7))
     torch.testing.assert_close(out[1], m.out_proj.bias.expand(7, 32))
     out.sum().backward()
-    assert torch.isfinite(x.grad).all() and torch.isfinite(m.kv_proj.weight.grad).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(m.k_proj.weight.grad).all()
     assert x.grad[1].abs().sum() == 0  # element 1 attends nothing: its tokens get no gradient
 
 
@@ -281,7 +257,7 @@ BAD_CONFIGS = [
     ("head-dim-zero", MultiHeadAttention, dict(dim=64, heads=8, head_dim=0), ValueError, "head_dim=0"),
     ("dropout-one", MultiHeadAttention, dict(dim=64, heads=8, dropout=1.0), ValueError, "dropout=1.0"),
     ("dropout-negative", MultiHeadAttention, dict(dim=64, heads=8, dropout=-0.1), ValueError, "dropout=-0.1"),
-    ("dropout-string", MultiHeadAttention, dict(dim=64, heads=8, dropout="0.1"), ValueError, "dropout='0.1'"),
+    ("dropout-string", MultiHeadAttention, dict(dim=64, heads=8, dropout="0.1"), TypeError, "dropout='0.1'"),
     ("bias-string", MultiHeadAttention, dict(dim=64, heads=8, qkv_bias="yes"), TypeError, "qkv_bias='yes'"),
     ("backend-unknown", MultiHeadAttention, dict(dim=64, heads=8, backend="fast"), ValueError, "backend='fast'"),
     ("pattern-int", MultiHeadAttention, dict(dim=64, heads=8, pattern=42), TypeError, "pattern=42"),
@@ -323,3 +299,31 @@ def test_bad_input_names_argument_and_value(call, error, fragment):
     m = MultiHeadAttention(32, 4)
     with pytest.raises(error, match=re.escape(fragment)):
         call(m)
+
+
+def test_causal_flag_is_the_causal_pattern():
+    torch.manual_seed(0)
+    flag = MultiHeadAttention(32, 4, causal=True).to(F64)
+    pattern = MultiHeadAttention(32, 4, pattern=Causal()).to(F64)
+    pattern.load_state_dict(flag.state_dict())
+    x = torch.randn(2, 11, 32, dtype=F64)
+    assert flag.pattern == Causal()
+    torch.testing.assert_close(flag(x), pattern(x), rtol=0, atol=0)
+    window = MultiHeadAttention(32, 4, pattern="window(window=5)", causal=True)
+    assert window.pattern == headwise.patterns.from_spec("window(window=5)") & Causal()
+
+
+def test_checkpoint_with_fused_kv_projection_loads():
+    """Checkpoints written before k_proj / v_proj were split (one ``kv_proj``) load into the same weights."""
+    torch.manual_seed(0)
+    m = MultiHeadAttention(32, 4, kv_heads=2).to(F64)
+    old = {k: v for k, v in m.state_dict().items() if not k.startswith(("k_proj", "v_proj"))}
+    old["kv_proj.weight"] = torch.cat([m.k_proj.weight, m.v_proj.weight]).detach().clone()
+    old["kv_proj.bias"] = torch.cat([m.k_proj.bias, m.v_proj.bias]).detach().clone()
+    fresh = MultiHeadAttention(32, 4, kv_heads=2).to(F64)
+    fresh.load_state_dict(old)
+    x = torch.randn(2, 9, 32, dtype=F64)
+    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    nested = torch.nn.Sequential(MultiHeadAttention(32, 4, kv_heads=2).to(F64))
+    nested.load_state_dict({f"0.{'mha.' if k.startswith(('q', 'kv')) else ''}{k}": v for k, v in old.items()})
+    torch.testing.assert_close(nested(x), m(x), rtol=0, atol=0)
