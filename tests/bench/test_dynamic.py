@@ -10,9 +10,9 @@ import torch
 import headwise
 from headwise.bench import dynamic as bench
 from headwise.cli import main as cli_main
-from headwise.core.dynamic import selection_mask
+from headwise.core.selected import selection_mask
 from headwise.patterns import Causal
-from headwise.selection import blocks_from_token_selection, hip_select, moba_select, vmoba_partition, vmoba_select
+from headwise.ops.selection import blocks_from_token_selection, hip_select, moba_select, vmoba_partition, vmoba_select
 
 TINY = (
     bench.DynamicCase("moba-causal", "moba", (96,), {"block": 16, "topk": 2}, heads=2, head_dim=8),

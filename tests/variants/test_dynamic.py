@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import headwise
 from headwise.core.reference import masked_attention, naive_attention
 from headwise.patterns import Causal
-from headwise.selection.tokens import dma_mask, topk_mask
+from headwise.ops.selection.tokens import dma_mask, topk_mask
 from headwise.variants.dynamic import (
     DynamicMaskAttention,
     Sparsifiner,

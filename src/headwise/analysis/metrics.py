@@ -298,9 +298,9 @@ def attention_rollout(maps: Sequence[Tensor], head_weights: Sequence[Tensor] | N
     """Attention rollout (Abnar & Zuidema, 2020): ``R = A_L ... A_1`` with ``A_l = 0.5 mean_h A_{l,h} + 0.5 I``,
     ``[B, N, N]``; ``R[b, i, j]`` is how much output token ``i`` draws on input token ``j``. ``maps``: one
     ``[B, H, N, N]`` per layer, first layer first. ``head_weights``: optional ``[H]`` per layer replacing the head
-    mean (VL-SAM-style head aggregation). The product is :func:`headwise.selection.tokens.attention_rollout`
+    mean (VL-SAM-style head aggregation). The product is :func:`headwise.ops.selection.tokens.attention_rollout`
     (shared with DCAL's token selection)."""
-    from headwise.selection.tokens import attention_rollout as rollout
+    from headwise.ops.selection.tokens import attention_rollout as rollout
 
     return rollout(_head_aggregate(maps, head_weights))
 

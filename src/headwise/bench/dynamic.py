@@ -10,7 +10,7 @@ same process and the same random ``q, k, v`` ``[B, H, N, D]`` (normal, seed 0), 
   ``bench patterns`` (the yardstick: a sparse method's ideal time is ``dense_ms x density``), timed for every
   case right before ours.
 * ``ms``: ours, the functional core called the way the module calls it, **selection included**
-  (:func:`~headwise.variants.mixture_of_blocks.moba_attention`, ``vmoba_attention``, ``hip_attention`` and
+  (:func:`~headwise.ops.moba.moba_attention`, ``vmoba_attention``, ``hip_attention`` and
   :func:`headwise.variants.dynamic.dma_attention` with its value-derived bias from a seeded ``dma`` module);
   ``select_ms``: the selection alone (gates, top-k / threshold / tree search, conversion to the engine's form).
 * ``speedup = dense_ms / ms``; ``efficiency = speedup / ideal_speedup`` (1.0: time proportional to the attended
@@ -42,10 +42,11 @@ from headwise.bench.patterns import (
     _BASE_COLUMNS, Column, _ratios, fmt_ms, markdown_table, plain_rich_table, print_report, select_cases,
 )
 from headwise.bench.timing import environment, time_call
-from headwise.selection.blocks import (
+from headwise.ops.selection.blocks import (
     blocks_from_token_selection, hip_select, moba_select, vmoba_partition, vmoba_select,
 )
-from headwise.variants.mixture_of_blocks import hip_attention, moba_attention, vmoba_attention
+from headwise.ops.hip import hip_attention
+from headwise.ops.moba import moba_attention, vmoba_attention
 
 __all__ = ["DynamicCase", "CASES", "QUICK_CASES", "METHODS", "run", "visited_pairs", "to_markdown", "to_rich_table",
            "add_arguments", "main"]
@@ -158,7 +159,7 @@ def _hip(case: DynamicCase, q, k, v) -> _Prepared:
 
 
 def _dma(case: DynamicCase, q, k, v) -> _Prepared:
-    from headwise.selection.tokens import dma_blocks
+    from headwise.ops.selection.tokens import dma_blocks
     from headwise.variants.dynamic import dma_attention
 
     B, H, N, D = q.shape

@@ -370,6 +370,16 @@ class ProjectedAttention(Variant):
         """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
         return self.finish(self.attend(*self.project(x)))
 
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """The attention probabilities ``[B, H, N, N]`` of self-attention over ``x`` ``[B, N, C]``: the attention
+        step applied to identity values ``V = I`` (its output is then its attention matrix; exact for every step
+        linear in ``v``; ``O(N^2)`` memory, for inspection sizes). What ``inspect`` records for variants that
+        declare ``weights="method"``."""
+        q, k, _ = self.project(x)
+        B, H_kv, M, _ = k.shape
+        eye = torch.eye(M, dtype=k.dtype, device=k.device).expand(B, H_kv, M, M)  # (B, H_kv, M, M)
+        return self.attend(q, k, eye)  # (B, H, N, M)
+
 
 def _split_kv_proj(module, state_dict, prefix, *args) -> None:
     """Load-state-dict pre-hook: map the keys of older checkpoints onto the split projections.

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from headwise.core.attention import attention
 from headwise.patterns import Pattern
-from headwise.selection.tokens import attention_rollout, rollout_select
+from headwise.ops.selection.tokens import attention_rollout, rollout_select
 from headwise.checks import check_positive_int
 from headwise.variants.registry import register
 from headwise.variants.mha import MultiHeadAttention

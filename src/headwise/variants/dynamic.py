@@ -3,7 +3,7 @@ Sparse Attention (``"dma"``) and Sparsifiner's learned connectivity (``"sparsifi
 
 Every mechanism has a readable dense reference (``naive_*``: materialized scores, the selection as a dense mask,
 :func:`headwise.core.reference.masked_attention`) and a fast path the tests compare with it, forward and
-gradients. The selections themselves live in :mod:`headwise.selection.tokens` and are not differentiated; the
+gradients. The selections themselves live in :mod:`headwise.ops.selection.tokens` and are not differentiated; the
 attention over the kept keys is (q, k, v and, for DMA, the bias ``z``).
 
 Functional core:
@@ -28,9 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 from headwise.core.blocksparse import extension
 from headwise.core.checks import check_qkv, default_scale
-from headwise.core.dynamic import MAX_OWN_BLOCK, candidate_attention
+from headwise.core.selected import MAX_OWN_BLOCK, candidate_attention
 from headwise.core.reference import masked_attention, masked_softmax
-from headwise.selection.tokens import dma_block_keep, dma_blocks, dma_key_rank, dma_mask, topk_mask
+from headwise.ops.selection.tokens import dma_block_keep, dma_blocks, dma_key_rank, dma_mask, topk_mask
 from headwise.checks import check_bool, check_positive_int
 from headwise.variants.registry import register
 from headwise.variants.mha import MultiHeadAttention
@@ -208,8 +208,8 @@ def dma_attention(q: Tensor, k: Tensor, v: Tensor, z: Tensor, window: int, causa
     Algorithm: non-causal, every query keeps the same ``w`` keys: one gather and one dense attention over them.
     Causal (``N == M``): the bias depends on the key only, so the threshold of query ``i`` (the ``w``-th best bias
     among ``0..i``) never decreases with ``i``, and the keys any query of the block ``a .. a + block - 1`` keeps
-    are among the ``w`` best keys before ``a`` and the block's own keys (:func:`headwise.selection.tokens.dma_blocks`).
-    On CPU with the compiled extension this is :func:`headwise.core.dynamic.candidate_attention`: the kept
+    are among the ``w`` best keys before ``a`` and the block's own keys (:func:`headwise.ops.selection.tokens.dma_blocks`).
+    On CPU with the compiled extension this is :func:`headwise.core.selected.candidate_attention`: the kept
     prefix keys of a query are a leading run of its block's best-first list (a per-row bound), the own keys an
     element mask, and the bias enters as one more key column (``[q, 1/scale] . [k, z] * scale = scale q.k + z``).
     Elsewhere each block gathers its ``w + block`` candidates for one batched SDPA call whose additive mask is
@@ -257,7 +257,7 @@ def dma_attention(q: Tensor, k: Tensor, v: Tensor, z: Tensor, window: int, causa
 
 def naive_dma_attention(q: Tensor, k: Tensor, v: Tensor, z: Tensor, window: int, causal: bool = True,
                         scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """Reference for :func:`dma_attention`: the selection as a dense mask (:func:`headwise.selection.tokens.dma_mask`),
+    """Reference for :func:`dma_attention`: the selection as a dense mask (:func:`headwise.ops.selection.tokens.dma_mask`),
     the bias folded into the dot product exactly (``[q, 1/scale] . [k, z] * scale = scale q.k + z``), materialized
     softmax. Returns ``(out, lse)``."""
     _check_dma(q, k, v, z, window, causal, scale)

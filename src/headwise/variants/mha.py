@@ -162,6 +162,8 @@ class MultiQueryAttention(MultiHeadAttention):
         64
     """
 
+    example_config = {"dim": 16, "heads": 4}
+
     @dataclass
     class Config(MultiHeadAttention.Config):
         def default_kv_heads(self) -> int:

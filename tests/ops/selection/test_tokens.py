@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from headwise.selection import tokens
-from headwise.selection.tokens import (
+from headwise.ops.selection import tokens
+from headwise.ops.selection.tokens import (
     attention_rollout,
     dense_token_select,
     dma_block_keep,

@@ -1,7 +1,7 @@
 """Content-aware key-block selection: MoBA gating, VMoBA partitions and global / threshold selection, HiP's tree search.
 
 Pure functions (no parameters, no gradients): they read the projected queries and keys and return which key
-blocks each query (or query block) visits, in the form :func:`headwise.core.dynamic.block_select_attention` takes.
+blocks each query (or query block) visits, in the form :func:`headwise.core.selected.block_select_attention` takes.
 The selection itself is not differentiated (the papers train through the attention over the chosen blocks only).
 
 Two output forms:
@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from headwise.selection.tokens import top_indices
+from headwise.ops.selection.tokens import top_indices
 
 __all__ = [
     "VMOBA_PARTITIONS",
@@ -85,7 +85,7 @@ def block_means(k: Tensor, block: int) -> Tensor:
 
 def _first_by_score(score: Tensor, count: int) -> Tensor:
     """Indices of the ``count`` highest entries along the last dim, ties to the lower index: repeated argmax (which
-    returns the first maximum; faster for a few) or :func:`~headwise.selection.tokens.top_indices` (a stable sort)."""
+    returns the first maximum; faster for a few) or :func:`~headwise.ops.selection.tokens.top_indices` (a stable sort)."""
     if count > 8:
         return top_indices(score, count)
     score = score.masked_fill(score == float("-inf"), torch.finfo(score.dtype).min)  # below it: the picked ones
@@ -115,7 +115,7 @@ def moba_select(q: Tensor, k: Tensor, *, block: int, topk: int, causal: bool = T
     Returns a bool ``[B, H, N, ceil(N / block)]``: query ``i`` visits block ``c``. It is the transposed view of a
     contiguous ``[B, H, blocks, N]`` tensor: the gates are computed block-major, so that every step reduces over
     the short block axis across long rows of queries (several times faster than per-query rows of a few blocks),
-    and :func:`headwise.core.dynamic.token_block_attention` takes that layout as it is.
+    and :func:`headwise.core.selected.token_block_attention` takes that layout as it is.
     """
     _check_qk(q, k)
     _check_int("block", block)
@@ -333,7 +333,7 @@ def hip_select(q: Tensor, k: Tensor, *, block: int, topk: int, window: int = 1, 
 # ---- to the engine's form -------------------------------------------------------------------------------
 def blocks_from_token_selection(sel: Tensor, block_q: int) -> tuple[Tensor, Tensor]:
     """Per-query selection ``sel`` bool ``[B, H, N, n_kv_blocks]`` -> ``(kv_blocks, row_mask)`` for
-    :func:`~headwise.core.dynamic.block_select_attention`: ``kv_blocks`` ``[B, H, ceil(N / block_q), S]`` lists the
+    :func:`~headwise.core.selected.block_select_attention`: ``kv_blocks`` ``[B, H, ceil(N / block_q), S]`` lists the
     blocks some row of the query block selected (``-1`` padding; ``S`` the most any query block needs) and
     ``row_mask`` ``[B, H, ceil(N / block_q), S, block_q]`` which rows selected each."""
     if not isinstance(sel, Tensor) or sel.dtype != torch.bool or sel.dim() != 4:

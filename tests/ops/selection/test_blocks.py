@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from headwise.selection import (
+from headwise.ops.selection import (
     VMOBA_PARTITIONS, block_means, blocks_from_token_selection, hip_select, moba_select, vmoba_layer_partition,
     vmoba_partition, vmoba_select,
 )

@@ -2,7 +2,7 @@
 
 A content-aware method picks, per (batch, head), which keys each query visits; this module runs attention over
 exactly those keys on the block-sparse engine, so the work is proportional to what was selected. The selection is
-an input computed by the caller (``headwise.selection``); gradients flow to ``q``, ``k``, ``v``, not to it.
+an input computed by the caller (``headwise.ops.selection``); gradients flow to ``q``, ``k``, ``v``, not to it.
 Rows with no key give zeros and ``lse = -inf``. Three entry points, three selection shapes:
 
 * :func:`block_select_attention`: ``kv_blocks[b, h, query block, slot]`` key block ids, optionally narrowed
@@ -41,13 +41,13 @@ from headwise.core.checks import check_qkv, default_scale
 from headwise.core.reference import masked_attention
 from headwise.patterns.base import Causal, Pattern
 
-__all__ = ["block_select_attention", "selection_mask", "token_block_attention", "token_selection_mask",
+__all__ = ["BACKENDS", "MAX_OWN_BLOCK", "block_select_attention", "selection_mask", "token_block_attention", "token_selection_mask",
            "candidate_attention", "candidate_mask"]
 
 _ROWS = 64  # query rows per engine tile (block-major layout)
 _VROWS = 128  # virtual rows per engine tile (row-major layout; measured ~10 % faster than 64 on MoBA's 512-key blocks)
 _KV_PIECE = 512  # key blocks larger than this are split into engine tiles of at most this many keys
-_BACKENDS = ("auto", "reference", "blocksparse")
+BACKENDS = ("auto", "reference", "blocksparse")
 MAX_OWN_BLOCK = 1024  # candidate_attention's own block is one kernel key tile: at most the kernel's chunk (kChunk)
 _EMPTY = torch.empty(0, dtype=torch.long)  # "none" for the kernel's optional tensor arguments
 
@@ -119,8 +119,8 @@ def block_select_attention(q: Tensor, k: Tensor, v: Tensor, kv_blocks: Tensor, *
     Returns:
         ``out`` ``[B, H, N, Dv]`` (or ``(out, lse)``).
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown {backend=}; valid: {', '.join(map(repr, _BACKENDS))}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown {backend=}; valid: {', '.join(map(repr, BACKENDS))}")
     check_qkv(q, k, v, None, scale)
     B, H, N, _ = q.shape
     M = k.shape[2]
@@ -186,10 +186,10 @@ def token_block_attention(q: Tensor, k: Tensor, v: Tensor, sel: Tensor, *, block
     the log-sum-exp. Same arguments as :func:`block_select_attention`, with ``sel`` bool
     ``[B, H, N, ceil(M / block_kv)]`` in place of ``kv_blocks`` / ``row_mask``; ``"reference"`` materializes
     :func:`token_selection_mask`. A ``sel`` that is a transposed view of a contiguous ``[B, H, blocks, N]``
-    tensor (as :func:`headwise.selection.moba_select` returns) is used without a copy.
+    tensor (as :func:`headwise.ops.selection.moba_select` returns) is used without a copy.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown {backend=}; valid: {', '.join(map(repr, _BACKENDS))}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown {backend=}; valid: {', '.join(map(repr, BACKENDS))}")
     check_qkv(q, k, v, None, scale)
     B, H, N, _ = q.shape
     M = k.shape[2]
@@ -299,8 +299,8 @@ def candidate_attention(q: Tensor, k: Tensor, v: Tensor, extra: Tensor, n_extra:
     ``[B, H, ceil(N / block), W]`` (-1 = unused slot), n_extra int ``[B, H, N]`` in ``[0, W]``, own_mask bool
     ``[B, H, ceil(N / block), block, block]``. Returns ``out`` ``[B, H, N, Dv]`` (or ``(out, lse)``).
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown {backend=}; valid: {', '.join(map(repr, _BACKENDS))}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown {backend=}; valid: {', '.join(map(repr, BACKENDS))}")
     check_qkv(q, k, v, None, scale)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"candidate_attention needs one key head per query head, got q.shape={tuple(q.shape)}, "

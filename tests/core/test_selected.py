@@ -1,11 +1,11 @@
-"""Run-time block selection (headwise.core.dynamic) against the dense reference, forward and gradients."""
+"""Run-time block selection (headwise.core.selected) against the dense reference, forward and gradients."""
 
 import math
 
 import pytest
 import torch
 
-from headwise.core.dynamic import (
+from headwise.core.selected import (
     block_select_attention, candidate_attention, candidate_mask, selection_mask, token_block_attention,
     token_selection_mask,
 )
