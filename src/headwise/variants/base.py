@@ -136,7 +136,7 @@ class Variant(nn.Module):
 
     Config: ClassVar[type]
     capabilities: ClassVar[Capabilities] = Capabilities()
-    aliases: ClassVar[dict[str, str]] = {}  # renamed keyword -> current name (accepted with a FutureWarning)
+    aliases: ClassVar[dict[str, str | tuple[str, ...]]] = {}  # renamed keyword -> current name(s), warned
     example_config: ClassVar[dict[str, Any]] = {"dim": 16}  # a small valid config (example_module, tests, docs)
     registry_name: ClassVar[str | None] = None  # set by headwise.variants.register
 
@@ -170,18 +170,24 @@ class Variant(nn.Module):
 
     @classmethod
     def resolve_aliases(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """``kwargs`` with renamed keywords (``cls.aliases``) under their current names, warning once per call."""
+        """``kwargs`` with renamed keywords (``cls.aliases``: old name -> new name, or a tuple of new names that
+        all take the old value) under their current names, with a ``FutureWarning`` naming both."""
         if not cls.aliases or not set(kwargs) & set(cls.aliases):
             return kwargs
         kwargs = dict(kwargs)
         name = cls.registry_name or cls.__qualname__
         for old, new in cls.aliases.items():
-            if old in kwargs:
-                if new in kwargs:
-                    raise ValueError(f"{name}: give {new}= only ({old}= is its old name), got both")
-                warnings.warn(f"{name}: {old}= is renamed {new}=; the old name will be removed", FutureWarning,
-                              stacklevel=4)
-                kwargs[new] = kwargs.pop(old)
+            if old not in kwargs:
+                continue
+            targets = (new,) if isinstance(new, str) else tuple(new)
+            clash = [t for t in targets if t in kwargs]
+            if clash:
+                raise ValueError(f"{name}: {old}= is the old name of {'= and '.join(targets)}=; give only the new, "
+                                 f"got {old}= and {clash[0]}=")
+            warnings.warn(f"{name}: {old}= is renamed {'= and '.join(targets)}=; the old name will be removed",
+                          FutureWarning, stacklevel=4)
+            value = kwargs.pop(old)
+            kwargs.update({t: value for t in targets})
         return kwargs
 
     def build(self, cfg) -> None:
