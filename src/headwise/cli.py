@@ -336,7 +336,8 @@ def _bench_cases(args, cases):
 def cmd_bench_patterns(args, cases) -> int:
     from rich.console import Console
 
-    from headwise.bench.patterns import PEERS, print_table, run_pattern_bench, to_rich_table
+    from headwise.bench.patterns import PEERS, run_pattern_bench, to_rich_table
+    from headwise.tables import print_table
 
     chosen = _bench_cases(args, cases)
     with _user_input("--device"):

@@ -22,7 +22,8 @@ from typing import Sequence
 import torch
 
 import headwise
-from headwise.bench.patterns import QUICK_CASES, BenchCase, print_table, run_pattern_bench, to_rich_table
+from headwise.bench.patterns import QUICK_CASES, BenchCase, run_pattern_bench, to_rich_table
+from headwise.tables import print_table
 from headwise.cli import ascii_mask, build_pattern, describe_pattern, plot_pattern
 
 __all__ = ["run_demo", "TOUR", "PICTURE", "CHECK", "ARENA"]

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
-from headwise.bench.patterns import Column, markdown_table
+from headwise.tables import Column, markdown_table
 
 __all__ = ["summarize", "to_markdown", "write_leaderboard"]
 

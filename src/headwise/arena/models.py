@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 import headwise
 from headwise import patterns
-from headwise.bench.patterns import first_line
+from headwise.tables import first_line
 from headwise.spec import parse_spec
 from headwise.checks import check_positive_int
 from headwise.variants.registry import get

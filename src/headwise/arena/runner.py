@@ -39,7 +39,7 @@ import headwise
 from headwise.arena.models import count_params, split_specs
 from headwise.arena.tasks import Task, get_task
 from headwise.distributed.wrappers import data_parallel_train, init_from_env
-from headwise.bench.patterns import first_line
+from headwise.tables import first_line
 from headwise.bench.timing import environment, peak_memory_mb
 
 __all__ = ["run", "run_one", "merge", "slug", "load_results", "default_variants", "parse_overrides", "add_arguments",

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from headwise.bench.patterns import Column, print_report, fmt_ms, markdown_table, plain_rich_table
+from headwise.tables import Column, fmt_ms, markdown_table, plain_rich_table, print_report
 from headwise.bench.timing import environment, peak_memory_mb, time_call
 
 __all__ = ["run", "summarize", "to_markdown", "to_rich_table", "add_arguments", "main", "METHODS"]

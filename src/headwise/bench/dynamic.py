@@ -38,9 +38,8 @@ import torch
 from torch import Tensor
 
 import headwise
-from headwise.bench.patterns import (
-    _BASE_COLUMNS, Column, _ratios, fmt_ms, markdown_table, plain_rich_table, print_report, select_cases,
-)
+from headwise.bench.patterns import BASE_COLUMNS, add_ratios, select_cases
+from headwise.tables import Column, fmt_ms, markdown_table, plain_rich_table, print_report
 from headwise.bench.timing import environment, time_call
 from headwise.ops.selection.blocks import (
     blocks_from_token_selection, hip_select, moba_select, vmoba_partition, vmoba_select,
@@ -202,7 +201,7 @@ def bench_case(case: DynamicCase, *, repeats: int = 3, max_s: float | None = 60.
         row.update(dense_ms=t.min_ms, dense_ms_median=t.median_ms)
         t = time_call(prep.ours, repeats, None, max_s)
         row.update(ms=t.min_ms, ms_median=t.median_ms, first_ms=t.first_ms)
-        _ratios(row, "", t.min_ms)
+        add_ratios(row, "", t.min_ms)
         row["select_ms"] = time_call(prep.select, repeats, None, max_s).min_ms
     if prep.note:
         row["notes"].append(prep.note)
@@ -247,7 +246,7 @@ def run(quick: bool = False, json_path: str | os.PathLike | None = None, *, case
 
 
 # ---- rendering --------------------------------------------------------------------------------------------
-_PATTERN_COLUMNS = {c.key: c for c in _BASE_COLUMNS}  # the columns of `bench patterns`, by key
+_PATTERN_COLUMNS = {c.key: c for c in BASE_COLUMNS}  # the columns of `bench patterns`, by key
 COLUMNS = (
     _PATTERN_COLUMNS["case"],
     Column("settings", "settings", str),

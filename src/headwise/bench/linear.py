@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import headwise
-from headwise.bench.patterns import Column, print_report, fmt_ms, markdown_table, plain_rich_table
+from headwise.tables import Column, fmt_ms, markdown_table, plain_rich_table, print_report
 from headwise.bench.timing import environment, time_call
 from headwise.linear import chunk_linear_attention, decay_rates, naive_linear_attention
 from headwise.patterns import Causal

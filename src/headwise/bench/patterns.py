@@ -35,21 +35,22 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
-import io
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 import headwise
 from headwise.bench.timing import environment, peak_memory_mb, time_call
-from headwise.patterns import Neighborhood, Pattern, from_spec
+from headwise.patterns.cases import (CASES, QUICK_CASES, STRUCTURED_CASES, STRUCTURED_QUICK_CASES, BenchCase,
+                                     select_cases)
+from headwise.tables import Column, cells, first_line, fmt_ms, markdown_table, row_notes
+from headwise.patterns import Neighborhood, Pattern
 
 __all__ = [
     "BenchCase",
@@ -63,96 +64,7 @@ __all__ = [
     "run_pattern_bench",
     "to_markdown",
     "to_rich_table",
-    "print_table",
-    "print_report",
 ]
-
-
-@dataclass(frozen=True)
-class BenchCase:
-    """One benchmark case: a pattern over a token grid and the attention shape it runs at."""
-
-    name: str  # row label, e.g. "2d-neighborhood"
-    pattern: str | Pattern  # a pattern spec (built by headwise.patterns.from_spec with grid=) or a Pattern
-    grid: tuple[int, ...]  # token grid, flattened row-major to N = prod(grid) tokens
-    heads: int = 8  # H
-    head_dim: int = 64  # D
-    batch: int = 1  # B
-
-    def __post_init__(self):
-        if not self.grid or any(not isinstance(s, int) or s < 1 for s in self.grid):
-            raise ValueError(f"grid must be a non-empty tuple of positive ints, got {self.grid=!r}")
-        for name in ("heads", "head_dim", "batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-
-    @property
-    def n(self) -> int:
-        return math.prod(self.grid)
-
-    @property
-    def shape(self) -> str:
-        return "x".join(str(s) for s in self.grid)
-
-    @property
-    def spec(self) -> str:
-        return self.pattern if isinstance(self.pattern, str) else repr(self.pattern)
-
-    def build_pattern(self) -> Pattern:
-        if isinstance(self.pattern, Pattern):
-            return self.pattern
-        return from_spec(self.pattern, grid=self.grid)
-
-
-# The cases of the issue: fp32, B=1, H=8, D=64, about 2-3 % density each.
-CASES: tuple[BenchCase, ...] = (
-    BenchCase("1d-neighborhood", "neighborhood(kernel_size=513)", (16384,)),
-    BenchCase("1d-causal-window", "neighborhood(kernel_size=513, causal=True)", (16384,)),
-    BenchCase("2d-neighborhood", "neighborhood(kernel_size=(17, 17))", (128, 128)),
-    BenchCase("3d-neighborhood", "neighborhood(kernel_size=(5, 9, 9))", (16, 32, 32)),
-    BenchCase("1d-blocked", "neighborhood(kernel_size=512, stride=512)", (16384,)),
-)
-
-# The structured patterns of issue 5 (headwise.patterns.structured), at their papers' settings: densities from
-# 1.6 % (MaxViT) to 55 % (radial at 16 frames: its O(n log n) saving grows with the number of frames).
-STRUCTURED_CASES: tuple[BenchCase, ...] = (
-    BenchCase("2d-maxvit-block", "maxvit_block(window=8)", (64, 64)),
-    BenchCase("2d-maxvit-grid", "maxvit_grid(grid_size=8)", (64, 64)),
-    BenchCase("2d-halo", "halo(block=8, halo=3)", (64, 64)),
-    BenchCase("1d-s2", "s2(heads=8, local_blocks=4, vertical_stride=8)", (16384,)),
-    BenchCase("3d-radial", "radial(frames=16, tokens_per_frame=1024)", (16, 1024)),
-)
-
-# The same kinds at 2-4k tokens and similar densities: the whole quick run takes seconds, not minutes.
-QUICK_CASES: tuple[BenchCase, ...] = (
-    BenchCase("1d-neighborhood", "neighborhood(kernel_size=129)", (4096,)),
-    BenchCase("1d-causal-window", "neighborhood(kernel_size=129, causal=True)", (4096,)),
-    BenchCase("2d-neighborhood", "neighborhood(kernel_size=(13, 13))", (64, 64)),
-    BenchCase("3d-neighborhood", "neighborhood(kernel_size=(3, 5, 5))", (8, 16, 16)),
-    BenchCase("1d-blocked", "neighborhood(kernel_size=128, stride=128)", (4096,)),
-)
-
-STRUCTURED_QUICK_CASES: tuple[BenchCase, ...] = (
-    BenchCase("2d-maxvit-block", "maxvit_block(window=8)", (32, 32)),
-    BenchCase("2d-maxvit-grid", "maxvit_grid(grid_size=8)", (32, 32)),
-    BenchCase("2d-halo", "halo(block=8, halo=3)", (32, 32)),
-    BenchCase("1d-s2", "s2(heads=8, local_blocks=2, vertical_stride=8)", (4096,)),
-    BenchCase("3d-radial", "radial(frames=8, tokens_per_frame=256)", (8, 256)),
-)
-
-
-def select_cases(cases: Sequence[BenchCase], names: Iterable[str] | None) -> list[BenchCase]:
-    """The cases named (in the order given); ``None`` keeps all. An unknown name raises and lists the valid ones."""
-    if names is None:
-        return list(cases)
-    by_name = {c.name: c for c in cases}
-    chosen = []
-    for name in names:
-        if name not in by_name:
-            raise ValueError(f"unknown benchmark case {name!r}; valid: {', '.join(by_name)}")
-        chosen.append(by_name[name])
-    return chosen
 
 
 # ---- peers ------------------------------------------------------------------------------------------
@@ -296,11 +208,6 @@ PEERS: dict[str, Peer] = {
 }
 
 
-def first_line(e: BaseException, limit: int = 160) -> str:
-    text = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {text[:limit]}"
-
-
 # ---- the run ----------------------------------------------------------------------------------------
 
 
@@ -343,7 +250,7 @@ def bench_header(*, backend: str, device: str, repeats: int, peers: Sequence[str
     }
 
 
-def _ratios(row: dict, prefix: str, ms: float | None) -> None:
+def add_ratios(row: dict, prefix: str, ms: float | None) -> None:
     dense_ms, density = row["dense_ms"], row["density"]
     speedup = dense_ms / ms if ms else None
     row[f"{prefix}speedup"] = speedup
@@ -393,7 +300,7 @@ def bench_case(
         step(f"ours ({backend})")
         t = time_call(ours, repeats, device, max_s)
         row.update(ms=t.min_ms, ms_median=t.median_ms, first_ms=t.first_ms)
-        _ratios(row, "", t.min_ms)
+        add_ratios(row, "", t.min_ms)
         row["peak_mb"] = peak_memory_mb(ours, device)
         reference = None
         for name in peers:
@@ -416,7 +323,7 @@ def bench_case(
                 continue
             row.update({f"{key}_ms": pt.min_ms, f"{key}_ms_median": pt.median_ms, f"{key}_first_ms": pt.first_ms,
                         f"{key}_setup_ms": call.setup_ms})
-            _ratios(row, f"{key}_", pt.min_ms)
+            add_ratios(row, f"{key}_", pt.min_ms)
             if out is not None:
                 reference = ours() if reference is None else reference
                 row[f"{key}_max_diff"] = float((out.float() - reference.float()).abs().max())
@@ -474,18 +381,7 @@ def run_pattern_bench(
 # ---- rendering --------------------------------------------------------------------------------------
 
 
-def fmt_ms(x: float) -> str:
-    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.3f}"
-
-
-@dataclass(frozen=True)
-class Column:
-    key: str
-    title: str
-    fmt: Callable[[Any], str]
-
-
-_BASE_COLUMNS = (
+BASE_COLUMNS = (
     Column("case", "case", str),
     Column("shape", "shape", str),
     Column("density", "density", lambda x: f"{x:.4f}"),
@@ -500,7 +396,7 @@ _BASE_COLUMNS = (
 
 def table_columns(rows: Sequence[dict]) -> list[Column]:
     """The base columns, then ms / speedup / efficiency for each peer that ran in at least one row."""
-    columns = list(_BASE_COLUMNS)
+    columns = list(BASE_COLUMNS)
     for peer in PEERS.values():
         if any(r.get(f"{peer.key}_ms") is not None for r in rows):  # a peer that never ran has only notes
             columns += [
@@ -511,54 +407,9 @@ def table_columns(rows: Sequence[dict]) -> list[Column]:
     return columns
 
 
-def cells(row: dict, columns: Sequence[Column]) -> list[str]:
-    return ["—" if row.get(c.key) is None else c.fmt(row[c.key]) for c in columns]
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[Column], left: Sequence[str], extra: Sequence[str] = ()) -> str:
-    """A GitHub markdown table of ``rows`` (``left`` keys left-aligned, the rest right), then ``extra`` bullets."""
-    lines = ["| " + " | ".join(c.title for c in columns) + " |",
-             "|" + "|".join("---" if c.key in left else "---:" for c in columns) + "|"]
-    lines += ["| " + " | ".join(cells(r, columns)) + " |" for r in rows]
-    if extra:
-        lines += [""] + [f"- {line}" for line in extra]
-    return "\n".join(lines) + "\n"
-
-
-def plain_rich_table(rows: Sequence[dict], columns: Sequence[Column], left: Sequence[str], title: str | None,
-                     caption: Sequence[str] = ()):
-    """The same table as :func:`markdown_table`, as a :class:`rich.table.Table` (cells never wrap)."""
-    from rich.table import Table
-
-    table = Table(title=title, caption="\n".join(caption) or None, caption_justify="left")
-    for c in columns:
-        table.add_column(c.title, justify="left" if c.key in left else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*cells(r, columns))
-    return table
-
-
-def _notes(rows: Sequence[dict]) -> list[str]:
-    """Each distinct note once: bare when every row has it, else prefixed with the cases that have it."""
-    cases: dict[str, list[str]] = {}
-    for r in rows:
-        for note in r.get("notes", ()):
-            cases.setdefault(note, []).append(r["case"])
-    return [note if len(where) == len(rows) > 1 else f"{', '.join(where)}: {note}" for note, where in cases.items()]
-
-
 def to_markdown(rows: Sequence[dict]) -> str:
     """A GitHub markdown table of the rows (numbers right-aligned), followed by the rows' notes."""
-    columns = table_columns(rows)
-    lines = [
-        "| " + " | ".join(c.title for c in columns) + " |",
-        "|" + "|".join("---" if c.key in ("case", "shape") else "---:" for c in columns) + "|",
-    ]
-    lines += ["| " + " | ".join(cells(r, columns)) + " |" for r in rows]
-    notes = _notes(rows)
-    if notes:
-        lines += [""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, table_columns(rows), left=("case", "shape"), extra=row_notes(rows))
 
 
 def to_rich_table(rows: Sequence[dict], title: str | None = None):
@@ -568,7 +419,7 @@ def to_rich_table(rows: Sequence[dict], title: str | None = None):
 
     columns = table_columns(rows)
     rendered = [cells(r, columns) for r in rows]
-    table = Table(title=title, caption="\n".join(_notes(rows)) or None, caption_justify="left",
+    table = Table(title=title, caption="\n".join(row_notes(rows)) or None, caption_justify="left",
                   box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     for i, c in enumerate(columns):
         # never squeeze a cell: only multi-word titles may wrap (at spaces)
@@ -577,30 +428,3 @@ def to_rich_table(rows: Sequence[dict], title: str | None = None):
     for row in rendered:
         table.add_row(*row)
     return table
-
-
-def print_report(table, markdown: str, markdown_path: str | None, json_path: str | None) -> None:
-    """The end of every ``headwise bench`` command: print the rich ``table``, write ``markdown`` to
-    ``markdown_path`` when given, and say which files were written."""
-    print_table(table)
-    if markdown_path:
-        path = Path(markdown_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(markdown)
-        print(f"wrote {path}")
-    if json_path:
-        print(f"wrote {json_path}")
-
-
-def print_table(table, console=None) -> None:
-    """Print a rich table without truncating cells: wider than the console, it is printed at its own width."""
-    from rich.console import Console
-
-    console = console or Console()
-    probe = Console(width=4096, file=io.StringIO(), color_system=None)
-    with probe.capture() as captured:
-        probe.print(table)
-    needed = max(len(line.rstrip()) for line in captured.get().splitlines())
-    if needed > console.width:
-        console = Console(file=console.file, width=needed, force_terminal=console.is_terminal)
-    console.print(table)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import headwise
-from headwise.bench.patterns import Column, print_report, first_line, fmt_ms, markdown_table, plain_rich_table
+from headwise.tables import Column, first_line, fmt_ms, markdown_table, plain_rich_table, print_report
 from headwise.bench.timing import environment, peak_memory_mb
 from headwise.variants.registry import config_fields, parse_spec
 

@@ -142,7 +142,7 @@ def simulate_bench_cases(cases, tile: tuple[int, int]) -> list[PatternSimulation
 
 
 def _patterns(args) -> tuple[list[PatternSimulation], list[dict[str, Any]]]:
-    from headwise.bench.patterns import CASES, QUICK_CASES, BenchCase, select_cases
+    from headwise.patterns.cases import CASES, QUICK_CASES, BenchCase, select_cases
     from headwise.cli import parse_sizes
 
     tile = _tile(args.tile)
