@@ -11,7 +11,7 @@ import inspect
 from contextlib import contextmanager
 
 __all__ = ["UsageError", "user_input", "parse_sizes", "positive_int", "console", "summary_line",
-           "add_report_arguments"]
+           "add_report_arguments", "stderr_progress"]
 
 
 class UsageError(Exception):
@@ -73,3 +73,10 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the header and rows as JSON here")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def stderr_progress(message: str) -> None:
+    """The progress callback of the benchmarks: one indented line per step on stderr (off with --no-progress)."""
+    import sys
+
+    print(f"  {message}", file=sys.stderr)

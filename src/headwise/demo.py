@@ -24,9 +24,9 @@ import torch
 import headwise
 from headwise.bench.patterns import QUICK_CASES, BenchCase, run_pattern_bench, to_rich_table
 from headwise.tables import print_table
-from headwise.cli import ascii_mask, build_pattern, describe_pattern, plot_pattern
+from headwise.patterns.draw import ascii_mask, build_pattern, describe_pattern, plot_pattern
 
-__all__ = ["run_demo", "TOUR", "PICTURE", "CHECK", "ARENA"]
+__all__ = ["run_demo", "add_arguments", "main", "TOUR", "PICTURE", "CHECK", "ARENA"]
 
 # (spec, grid): drawn in the terminal with 4 x 4 tiles
 TOUR: tuple[tuple[str, tuple[int, ...]], ...] = (
@@ -159,3 +159,19 @@ in-context linear regression; raw rows in `arena/results.json`, plots in `arena/
 `headwise arena --task mqar,icl_regression --quick --seeds 3 --out runs/arena`.
 
 {board}"""
+
+
+def add_arguments(parser) -> None:
+    """Add ``headwise demo`` options to an :class:`argparse.ArgumentParser` (run it with :func:`main`)."""
+    parser.add_argument("--out", default="runs", help="parent folder of the report (default runs/)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--arena-steps", type=float, default=1.0,
+                        help="factor on the closing arena run's training steps (default 1; 0 skips the arena run)")
+
+
+def main(args) -> int:
+    """Run the tour from parsed :func:`add_arguments` options (``args.case_list``: the benchmark cases)."""
+    report = run_demo(args.out, cases=getattr(args, "case_list", None), progress=not args.no_progress,
+                      arena_steps=args.arena_steps)
+    print(f"wrote {report}")
+    return 0

@@ -88,7 +88,7 @@ def test_arguments():
     bench.add_arguments(p)
     args = p.parse_args(["--quick", "--json", "out.json", "--impls", "chunk", "naive", "--passes", "fwd",
                          "--max-call-s", "5"])
-    assert args.quick and args.json_path == "out.json" and args.impls == ["chunk", "naive"]
+    assert args.quick and args.json == "out.json" and args.impls == ["chunk", "naive"]
     assert args.passes == ["fwd"] and args.max_call_s == 5.0
     defaults = p.parse_args([])
     assert defaults.impls == list(bench.IMPLS) and defaults.passes == list(bench.PASSES) and defaults.lengths is None

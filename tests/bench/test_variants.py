@@ -55,7 +55,7 @@ def test_arguments():
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     args = p.parse_args(["--quick", "--json", "out.json", "--names", "mha", "moh(top_k=1, compute='dense')"])
-    assert args.quick and args.json_path == "out.json" and args.names == ["mha", "moh(top_k=1, compute='dense')"]
+    assert args.quick and args.json == "out.json" and args.names == ["mha", "moh(top_k=1, compute='dense')"]
     assert p.parse_args([]).names is None
 
 

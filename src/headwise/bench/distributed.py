@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from headwise.console import add_report_arguments, stderr_progress
 from headwise.tables import Column, fmt_ms, markdown_table, plain_rich_table, print_report
 from headwise.bench.timing import environment, peak_memory_mb, time_call
 
@@ -161,8 +162,9 @@ def to_rich_table(rows: Sequence[dict], title: str | None = None):
 
 def add_arguments(parser) -> None:
     """Add ``headwise bench distributed`` options to an :class:`argparse.ArgumentParser`."""
-    parser.add_argument("--ranks", default="1,2,4", help="comma-separated process counts P (default 1,2,4)")
-    parser.add_argument("--n", type=int, default=4096, help="total sequence length N (default 4096)")
+    add_report_arguments(parser)  # --quick: P = 1, 2 at N = 1024
+    parser.add_argument("--ranks", help="comma-separated process counts P (default 1,2,4; --quick: 1,2)")
+    parser.add_argument("--n", type=int, help="total sequence length N (default 4096; --quick: 1024)")
     parser.add_argument("--heads", type=int, default=4, help="query heads H (default 4)")
     parser.add_argument("--kv-heads", type=int, help="key/value heads (default H)")
     parser.add_argument("--head-dim", type=int, default=64, help="head width D (default 64)")
@@ -172,23 +174,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls after the warm-up (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the header, summary and rows here")
-    parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown here")
 
 
 def main(args) -> int:
     """Run from parsed :func:`add_arguments` options; print the table; returns 0."""
-    import sys
-
+    text = args.ranks or ("1,2" if args.quick else "1,2,4")
     try:
-        ranks = [int(s) for s in args.ranks.split(",")]
+        ranks = [int(s) for s in text.split(",")]
     except ValueError:
-        raise ValueError(f"--ranks must be comma-separated ints, got {args.ranks!r}") from None
-    rows = run(ranks=ranks, n=args.n, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
+        raise ValueError(f"--ranks must be comma-separated ints, got {text!r}") from None
+    n = args.n or (1024 if args.quick else 4096)
+    rows = run(ranks=ranks, n=n, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
                head_dim=args.head_dim, pattern=args.pattern, layout=args.layout, methods=args.methods,
-               repeats=args.repeats, threads=args.threads, json_path=args.json_path,
-               progress=lambda m: print(f"  {m}", file=sys.stderr))
-    title = (f"context parallelism on local gloo processes: N={args.n}, B={args.batch}, H={args.heads}, "
+               repeats=args.repeats, threads=args.threads, json_path=args.json,
+               progress=None if args.no_progress else stderr_progress)
+    title = (f"context parallelism on local gloo processes: N={n}, B={args.batch}, H={args.heads}, "
              f"D={args.head_dim}, pattern {args.pattern}, {args.layout}, {args.threads} thread(s)/rank")
-    print_report(to_rich_table(rows, title=title), to_markdown(rows), args.markdown, args.json_path)
+    print_report(to_rich_table(rows, title=title), to_markdown(rows), args.markdown, args.json)
     return 0

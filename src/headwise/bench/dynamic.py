@@ -39,6 +39,7 @@ from torch import Tensor
 
 import headwise
 from headwise.bench.patterns import BASE_COLUMNS, add_ratios, select_cases
+from headwise.console import add_report_arguments, stderr_progress, user_input
 from headwise.tables import Column, fmt_ms, markdown_table, plain_rich_table, print_report
 from headwise.bench.timing import environment, time_call
 from headwise.ops.selection.blocks import (
@@ -287,28 +288,21 @@ def to_rich_table(rows: Sequence[dict], title: str | None = None):
 # ---- command line -----------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
     """Add ``headwise bench dynamic`` options to an :class:`argparse.ArgumentParser` (run it with :func:`main`)."""
-    parser.add_argument("--quick", action="store_true", help="1-2k tokens instead of 16k: seconds, not minutes")
+    add_report_arguments(parser)  # --quick: 1-2k tokens instead of 16k
     parser.add_argument("--cases", help="comma-separated case names to run (default: all)")
-    parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the header and rows as JSON here")
-    parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown here")
     parser.add_argument("--repeats", type=int, help="timed calls after the warm-up (default 3; --quick: 2)")
 
 
 def main(args) -> int:
     """Run the benchmark from parsed :func:`add_arguments` options; print the table; returns 0."""
-    import sys
-
     pool = QUICK_CASES if args.quick else CASES
     names = [s.strip() for s in args.cases.split(",") if s.strip()] if args.cases else None
-    try:
+    with user_input("--cases"):
         chosen = select_cases(pool, names)
-    except ValueError as e:
-        print(f"headwise: error: --cases: {e}", file=sys.stderr)
-        return 2
-    report = run(cases=chosen, json_path=args.json_path, repeats=args.repeats,
-                 quick=args.quick, progress=lambda m: print(f"  {m}", file=sys.stderr))
+    report = run(cases=chosen, json_path=args.json, repeats=args.repeats, quick=args.quick,
+                 progress=None if args.no_progress else stderr_progress)
     h = report["header"]
     title = f"dynamic selection benchmark vs dense SDPA: {_conditions(h)}"
     print_report(to_rich_table(report["rows"], title=title), to_markdown(report["rows"], h), args.markdown,
-                 args.json_path)
+                 args.json)
     return 0

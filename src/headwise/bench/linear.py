@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import headwise
+from headwise.console import add_report_arguments, stderr_progress
 from headwise.tables import Column, fmt_ms, markdown_table, plain_rich_table, print_report
 from headwise.bench.timing import environment, time_call
 from headwise.linear import chunk_linear_attention, decay_rates, naive_linear_attention
@@ -314,15 +315,14 @@ def to_rich_table(rows: Sequence[dict], title: str | None = None):
 
 def add_arguments(parser) -> None:
     """Add ``headwise bench linear`` options to an :class:`argparse.ArgumentParser` (run it with :func:`main`)."""
-    parser.add_argument("--quick", action="store_true", help="N in 1024, 4096 only, at least 2 timed calls")
-    parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the header, summary and rows here")
-    parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown here")
+    add_report_arguments(parser)  # --quick: N in 1024, 4096 only, at least 2 timed calls
     parser.add_argument("--lengths", help="comma-separated sequence lengths (default 1024,4096,16384,65536)")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations to time")
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES), help="passes to time")
     parser.add_argument("--heads", type=int, default=8, help="heads H (default 8)")
     parser.add_argument("--head-dim", type=int, default=64, help="head width D (default 64)")
-    parser.add_argument("--block-size", type=int, default=64, help="Lightning Attention-2 block (default 64)")
+    parser.add_argument("--chunk", "--block-size", dest="chunk", type=int, default=64,
+                        help="Lightning Attention-2 chunk (block) in tokens (default 64)")
     parser.add_argument("--repeats", type=int, help="timed calls after the warm-up, at least (default 5; --quick: 2)")
     parser.add_argument("--rounds", type=int, help="sweeps over the lengths, keeping every sample (default 2; "
                         "--quick: 1); later rounds time again only calls up to 2 s")
@@ -332,13 +332,11 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     """Run the benchmark from parsed :func:`add_arguments` options; print the table; returns 0."""
-    import sys
-
     lengths = [int(s) for s in args.lengths.split(",")] if args.lengths else None
-    rows = run(quick=args.quick, json_path=args.json_path, lengths=lengths, impls=args.impls, passes=args.passes,
-               heads=args.heads, head_dim=args.head_dim, block_size=args.block_size, repeats=args.repeats,
-               max_call_s=args.max_call_s, rounds=args.rounds, progress=lambda m: print(f"  {m}", file=sys.stderr))
+    rows = run(quick=args.quick, json_path=args.json, lengths=lengths, impls=args.impls, passes=args.passes,
+               heads=args.heads, head_dim=args.head_dim, block_size=args.chunk, repeats=args.repeats,
+               max_call_s=args.max_call_s, rounds=args.rounds, progress=None if args.no_progress else stderr_progress)
     title = (f"linear attention benchmark: fp32, B=1, H={args.heads}, D={args.head_dim}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; min of the timed calls after a warm-up")
-    print_report(to_rich_table(rows, title=title), to_markdown(rows), args.markdown, args.json_path)
+    print_report(to_rich_table(rows, title=title), to_markdown(rows), args.markdown, args.json)
     return 0

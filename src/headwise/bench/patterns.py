@@ -64,6 +64,8 @@ __all__ = [
     "run_pattern_bench",
     "to_markdown",
     "to_rich_table",
+    "add_arguments",
+    "main",
 ]
 
 
@@ -428,3 +430,43 @@ def to_rich_table(rows: Sequence[dict], title: str | None = None):
     for row in rendered:
         table.add_row(*row)
     return table
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    """Add ``headwise bench patterns`` options to an :class:`argparse.ArgumentParser` (run it with :func:`main`)."""
+    from headwise.console import add_report_arguments, positive_int
+    from headwise.core.attention import BACKENDS
+
+    add_report_arguments(parser)
+    parser.add_argument("--peers", action="store_true", help="also time compiled FlexAttention, natten, local-attention")
+    parser.add_argument("--cases", help="comma-separated case names to run (default: all)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed calls after the warm-up (default 3)")
+    parser.add_argument("--backend", default="blocksparse", choices=list(BACKENDS), help="our backend (default blocksparse)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def main(args) -> int:
+    """Run the benchmark from parsed :func:`add_arguments` options; print the table; returns 0.
+    ``args.case_list`` (set by ``headwise.cli.main(cases=...)``) replaces the default cases."""
+    from headwise.console import user_input
+    from headwise.tables import print_report
+
+    default = QUICK_CASES + STRUCTURED_QUICK_CASES if args.quick else CASES + STRUCTURED_CASES
+    pool = getattr(args, "case_list", None) or default
+    names = [s.strip() for s in args.cases.split(",") if s.strip()] if args.cases else None
+    with user_input("--cases"):
+        chosen = select_cases(pool, names)
+    with user_input("--device"):
+        device = str(torch.device(args.device))
+    report = run_pattern_bench(chosen, peers=list(PEERS) if args.peers else [], backend=args.backend,
+                               repeats=args.repeats, device=device, progress=not args.no_progress)
+    h = report.header
+    title = (f"pattern benchmark: {h['backend']} vs dense SDPA, fp32, torch {h['torch']}, {h['threads']} threads, "
+             f"{h['device']} ({h['gpu'] or h['cpu']}); ms: min of {h['repeats']} after a warm-up")
+    if args.json:
+        report.write_json(args.json)
+    print_report(to_rich_table(report.rows, title=title), report.markdown(), args.markdown, args.json)
+    return 0

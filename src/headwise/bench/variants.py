@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import headwise
+from headwise.console import add_report_arguments, stderr_progress
 from headwise.tables import Column, first_line, fmt_ms, markdown_table, plain_rich_table, print_report
 from headwise.bench.timing import environment, peak_memory_mb
 from headwise.variants.registry import config_fields, parse_spec
@@ -235,9 +236,7 @@ def to_rich_table(rows: Sequence[dict], title: str | None = None):
 
 def add_arguments(parser) -> None:
     """Add ``headwise bench variants`` options to an :class:`argparse.ArgumentParser` (run it with :func:`main`)."""
-    parser.add_argument("--quick", action="store_true", help="N = 1024 only, 2 rounds of timed calls")
-    parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the header and rows as JSON here")
-    parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown here")
+    add_report_arguments(parser)  # --quick: N = 1024 only, 2 rounds of timed calls
     parser.add_argument("--names", nargs="+", metavar="SPEC",
                         help="variant names or quoted spec strings to run (default: every registered one)")
     parser.add_argument("--lengths", help="comma-separated sequence lengths (default 1024,4096; --quick: 1024)")
@@ -248,13 +247,11 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     """Run the benchmark from parsed :func:`add_arguments` options; print the table; returns 0."""
-    import sys
-
     names = args.names or None
     lengths = [int(s) for s in args.lengths.split(",")] if args.lengths else None
-    rows = run(quick=args.quick, json_path=args.json_path, names=names, dim=args.dim, heads=args.heads,
-               lengths=lengths, repeats=args.repeats, progress=lambda m: print(f"  {m}", file=sys.stderr))
+    rows = run(quick=args.quick, json_path=args.json, names=names, dim=args.dim, heads=args.heads,
+               lengths=lengths, repeats=args.repeats, progress=None if args.no_progress else stderr_progress)
     title = (f"variants benchmark: forward, fp32, B=1, dim={args.dim}, heads={args.heads}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; min of interleaved timed calls after a warm-up")
-    print_report(to_rich_table(rows, title=title), to_markdown(rows), args.markdown, args.json_path)
+    print_report(to_rich_table(rows, title=title), to_markdown(rows), args.markdown, args.json)
     return 0

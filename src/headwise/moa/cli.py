@@ -26,7 +26,7 @@ from headwise.moa.profile import InfluenceProfiler
 from headwise.moa.search import default_rules, pareto_front, rule_table, select_plan, solution_plan
 from headwise.patterns import SinkWindow
 
-__all__ = ["add_arguments", "main", "command", "lm_tasks"]
+__all__ = ["add_arguments", "main", "lm_tasks"]
 
 CALIB_SEED, VAL_SEED = 1_000_003, 2_000_003  # calibration and validation batches never meet training ones
 
@@ -217,15 +217,3 @@ def main(args) -> int:
         print(f"layer {layer} spans per head: {spans}")
     print(f"wrote {args.out}")
     return 0
-
-
-def command(args, cases=None) -> int:
-    """The CLI entry: bad input becomes a one-line usage error (exit status 2)."""
-    from headwise.cli import UsageError
-
-    try:
-        return main(args)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"moa-plan: {e}") from None
-    except OSError as e:
-        raise UsageError(f"moa-plan: {e.filename}: {e.strerror or e}") from None

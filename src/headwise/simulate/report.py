@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from headwise.console import console, parse_sizes
 from headwise.simulate.kinetics import B200_FLOPS_PER_BYTE, DecodeCost, ModelShape, decode_cost
 from headwise.simulate.tiles import PatternSimulation, simulate_pattern
 
@@ -68,8 +69,6 @@ def _option(name: str) -> str:
 
 def main(args) -> int:
     """Run ``headwise simulate``; bad input raises ValueError/TypeError (the CLI prints it as one line)."""
-    from headwise.cli import _console
-
     decode = args.target == "decode"
     wrong = [_option(k) for k in (_PATTERN_ONLY if decode else _DECODE_ONLY) if getattr(args, k) is not None
              and getattr(args, k) is not False]
@@ -77,14 +76,14 @@ def main(args) -> int:
         mode = "decode" if decode else "pattern"
         raise ValueError(f"{', '.join(wrong)} not used by simulate {'decode' if decode else args.target!r} "
                          f"({mode} mode)")
-    console = _console()
+    out = console()
     if decode:
         result = _decode(args)
-        console.print(decode_table(result))
+        out.print(decode_table(result))
         payload: Any = result.to_json()
     else:
         sims, measured = _patterns(args)
-        console.print(simulation_table(sims, measured))
+        out.print(simulation_table(sims, measured))
         for sim in sims:
             for note in sim.notes:
                 print(f"{sim.case or sim.spec}: {note}")
@@ -104,8 +103,6 @@ def main(args) -> int:
 
 
 def _tile(text: str) -> tuple[int, int]:
-    from headwise.cli import parse_sizes
-
     tile = parse_sizes(text, "--tile")
     if len(tile) > 2:
         raise ValueError(f"--tile takes one or two sizes (query, key), got {text!r}")
@@ -143,7 +140,6 @@ def simulate_bench_cases(cases, tile: tuple[int, int]) -> list[PatternSimulation
 
 def _patterns(args) -> tuple[list[PatternSimulation], list[dict[str, Any]]]:
     from headwise.patterns.cases import CASES, QUICK_CASES, BenchCase, select_cases
-    from headwise.cli import parse_sizes
 
     tile = _tile(args.tile)
     rows = load_measured(args.json_measured) if args.json_measured else None
