@@ -153,7 +153,7 @@ def _token_accuracy(model: nn.Module, inputs: Tensor, targets: Tensor, *, chunk:
     return torch.cat(out)
 
 
-class _LMTask(Task):
+class LMTask(Task):
     """A token task on the decoder-only LM (:func:`headwise.arena.models.build_lm`)."""
 
     vocab: ClassVar[int] = 256
@@ -187,7 +187,7 @@ class _LMTask(Task):
 
 
 @register_task("mqar")
-class MQAR(_LMTask):
+class MQAR(LMTask):
     """Multi-query associative recall (Zoology): accuracy over the query positions of a held-out set mixing
     4, 8 and 16 key-value pairs (details: ``acc@P`` per pair count). Quick preset as in the issue: vocab 256,
     length 64, 2 layers, d 64, short conv (kernel 3), fresh samples every step, 2000 steps; no MLP (Zoology's MQAR
@@ -197,7 +197,7 @@ class MQAR(_LMTask):
     QUICK = dict(steps=2000)
 
     @dataclass
-    class Config(_LMTask.Config):
+    class Config(LMTask.Config):
         steps: int = 6000  # training steps (fresh samples every step)
         batch: int = 64  # examples per step, split evenly over the pair counts
         lr: float = 3e-3  # peak AdamW learning rate
@@ -294,7 +294,7 @@ class ICLRegression(Task):
 
 
 @register_task("induction")
-class Induction(_LMTask):
+class Induction(LMTask):
     """Induction-head copying trained at length 64 and tested at 128 and 256 (value: mean accuracy at the test
     lengths; details ``acc@L`` incl. the training length). Default positions ``"none"`` with a short conv, so
     nothing ties the model to the training length (learned positions cannot extend past it; pass
@@ -305,7 +305,7 @@ class Induction(_LMTask):
     QUICK = dict(steps=600)
 
     @dataclass
-    class Config(_LMTask.Config):
+    class Config(LMTask.Config):
         steps: int = 2000  # training steps
         batch: int = 64  # sequences per step
         lr: float = 3e-3  # peak AdamW learning rate
@@ -332,7 +332,7 @@ class Induction(_LMTask):
 
 
 @register_task("passkey")
-class Passkey(_LMTask):
+class Passkey(LMTask):
     """Passkey retrieval: trained at ``seq_len`` with the key at a uniform depth; value: fraction of examples
     whose whole key is right, averaged over the grid ``lengths x depths`` (details ``acc@L/depth``)."""
 
@@ -341,7 +341,7 @@ class Passkey(_LMTask):
     QUICK = dict(steps=600)
 
     @dataclass
-    class Config(_LMTask.Config):
+    class Config(LMTask.Config):
         steps: int = 2000  # training steps
         batch: int = 32  # sequences per step
         lr: float = 3e-3  # peak AdamW learning rate
@@ -372,7 +372,7 @@ class Passkey(_LMTask):
 
 
 @register_task("text")
-class Text(_LMTask):
+class Text(LMTask):
     """Byte-level language modelling on CPython's ``pydoc_data`` topics (offline English text); value: bits per
     byte on the held-out split (its first ``eval_windows`` non-overlapping windows)."""
 
@@ -382,7 +382,7 @@ class Text(_LMTask):
     QUICK = dict(steps=500, eval_windows=64)
 
     @dataclass
-    class Config(_LMTask.Config):
+    class Config(LMTask.Config):
         steps: int = 3000  # training steps
         batch: int = 32  # windows per step
         lr: float = 2e-3  # peak AdamW learning rate

@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from headwise.moa.plan import MoAPlan, causal_density, span_at
+from headwise.patterns.moa_plan import MoAPlan, causal_density, span_at
 from headwise.moa.profile import InfluenceProfiler
 from headwise.moa.search import default_rules, pareto_front, rule_table, select_plan, solution_plan
 from headwise.patterns import SinkWindow
@@ -33,9 +33,9 @@ CALIB_SEED, VAL_SEED = 1_000_003, 2_000_003  # calibration and validation batche
 
 def lm_tasks() -> list[str]:
     """Arena tasks on the decoder-only LM with a ``seq_len`` (the ones MoA can profile at several lengths)."""
-    from headwise.arena.tasks import _LMTask, available_tasks, get_task
+    from headwise.arena.tasks import LMTask, available_tasks, get_task
 
-    return [n for n in available_tasks() if isinstance(get_task(n, quick=True), _LMTask)]
+    return [n for n in available_tasks() if isinstance(get_task(n, quick=True), LMTask)]
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -105,7 +105,7 @@ def main(args) -> int:
 
     from headwise.arena.tasks import get_task
     from headwise.moa.profile import attention_layers
-    from headwise.variants.moa import apply_plan
+    from headwise.moa.apply import apply_plan
 
     if args.task not in lm_tasks():
         raise ValueError(f"unknown or unsupported task={args.task!r}; valid: {lm_tasks()}")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from headwise.core.reference import naive_attention
 from headwise.patterns import Causal, Pattern
-from headwise.variants.mha import MultiHeadAttention
+from headwise.variants.base import SoftmaxAttention, Variant
 
 __all__ = ["attention_influence", "dense_probabilities", "InfluenceProfiler", "attention_layers"]
 
@@ -55,15 +55,16 @@ def dense_probabilities(q: Tensor, k: Tensor, pattern: Pattern | None) -> Tensor
     return probs
 
 
-def attention_layers(model: nn.Module) -> list[MultiHeadAttention]:
-    """The softmax multi-head attention modules of ``model`` in registration order (layer 0 first): ``mha``,
-    ``gqa``, ``mqa`` and ``moa`` modules. Other :class:`MultiHeadAttention` subclasses change the attention
-    itself and raise ``ValueError`` (MoA's profile is defined for softmax attention only)."""
+def attention_layers(model: nn.Module) -> list[SoftmaxAttention]:
+    """The softmax attention layers of ``model`` in registration order (layer 0 first): the headwise variants that
+    declare ``capabilities.softmax`` (their attention step is :func:`headwise.attention` between per-token
+    projections: ``mha``, ``gqa``, ``mqa``, ``moa``). Any other headwise variant changes the attention itself and
+    raises ``ValueError`` (MoA's profile is defined for softmax attention only)."""
     layers = []
     for name, m in model.named_modules():
-        if not isinstance(m, MultiHeadAttention):
+        if not isinstance(m, Variant):
             continue
-        if type(m).forward is not MultiHeadAttention.forward and not getattr(m, "moa_profilable", False):
+        if not m.caps.softmax:
             raise ValueError(f"cannot profile attention layer {name!r} ({type(m).__name__}): MoA profiles "
                              f"softmax multi-head attention (mha, gqa, mqa, moa) only")
         layers.append(m)
@@ -76,8 +77,8 @@ class InfluenceProfiler:
     """Context manager: while active, every attention layer of ``model`` runs dense causal attention through the
     reference and keeps its probabilities; :meth:`backward` accumulates the influence of a loss.
 
-    Layers must be self-attention with ``pattern`` ``Causal()`` (or ``moa`` modules, profiled as their dense
-    causal model), called without ``context`` or ``key_padding_mask``.
+    Layers must be causal self-attention: pattern ``Causal()`` (``causal=True``), or causal by construction like
+    ``moa`` (profiled as its dense causal model), called without ``context`` or ``key_padding_mask``.
 
     Attributes (after at least one :meth:`backward`):
         influence: ``[layers, heads, N, N]`` float64, the mean over calibration sequences of ``|E|``
@@ -98,7 +99,7 @@ class InfluenceProfiler:
         self.model, self.absolute = model, absolute
         self.layers = attention_layers(model)
         for i, m in enumerate(self.layers):
-            if not getattr(m, "moa_profilable", False) and m.pattern != Causal():
+            if m.caps.causal != "always" and m.pattern != Causal():
                 raise ValueError(f"MoA profiles causal language models: attention layer {i} has pattern="
                                  f"{m.pattern!r}, expected Causal()")
         self._probs: list[Tensor | None] = [None] * len(self.layers)
@@ -115,7 +116,7 @@ class InfluenceProfiler:
             del m.forward
         self._probs = [None] * len(self.layers)
 
-    def _forward_of(self, index: int, m: MultiHeadAttention):
+    def _forward_of(self, index: int, m: SoftmaxAttention):
         def forward(x: Tensor, context: Tensor | None = None, *, key_padding_mask: Tensor | None = None) -> Tensor:
             if context is not None or key_padding_mask is not None:
                 raise ValueError("MoA profiling supports causal self-attention only (no context, no key_padding_mask)")
@@ -123,9 +124,7 @@ class InfluenceProfiler:
             probs = dense_probabilities(q, k, Causal())  # (B, H, N, N)
             self._probs[index] = probs
             v = v.repeat_interleave(m.heads // m.kv_heads, dim=1)  # (B, H, N, D)
-            out = torch.matmul(probs, v.to(probs.dtype)).to(q.dtype)  # (B, H, N, D)
-            out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, N, H*D)
-            return m.dropout(m.out_proj(out))  # (B, N, C)
+            return m.finish(torch.matmul(probs, v.to(probs.dtype)).to(q.dtype))  # (B, N, C)
 
         return forward
 

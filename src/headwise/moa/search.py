@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from headwise.moa.plan import MoAPlan, causal_density, span_at
+from headwise.patterns.moa_plan import MoAPlan, causal_density, span_at
 from headwise.patterns import Causal, SinkWindow
 
 __all__ = ["Solution", "default_rules", "rule_table", "solve", "pareto_front", "select_plan", "solution_plan",

@@ -7,8 +7,9 @@ from headwise.patterns.spec import PATTERNS, from_spec
 from headwise.patterns.structured import ConvWindow, Halo, Isolation, MaxViTBlock, MaxViTGrid, Radial, RegionAttention, S2Shards
 from headwise.patterns.window import SlidingWindow
 from headwise.patterns.moa import SinkWindow  # MoA / StreamingLLM causal window with attention sinks
+from headwise.patterns.moa_plan import MoAPlan  # MoA's per-layer, per-head elastic windows (JSON)
 
 __all__ = ["Pattern", "TileSchedule", "Full", "Causal", "Union", "Intersection", "PerHead",
            "Neighborhood", "blocked", "SlidingWindow", "Segments", "KeyMask", "PATTERNS", "from_spec",
            "MaxViTBlock", "MaxViTGrid", "Halo", "ConvWindow", "Radial", "S2Shards", "RegionAttention", "Isolation"]
-__all__ += ["SinkWindow"]
+__all__ += ["SinkWindow", "MoAPlan"]

@@ -51,6 +51,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from headwise.checks import check_bool, check_number, check_positive_int, check_tokens
 from headwise.core.attention import BACKENDS, attention
@@ -321,8 +322,16 @@ class ProjectedAttention(Variant):
     def build(self, cfg) -> None:
         H, H_kv, D = cfg.heads, cfg.kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, H * D, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, H_kv * D, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, H_kv * D, bias=cfg.qkv_bias)
+        # k and v are initialised as one C -> 2 H_kv D projection (what nn.Linear draws for it), then split: the
+        # same initial weights, for a given seed, as the fused kv_proj of earlier versions
+        kv = nn.Linear(cfg.dim, 2 * H_kv * D, bias=cfg.qkv_bias)
+        self.k_proj = skip_init(nn.Linear, cfg.dim, H_kv * D, bias=cfg.qkv_bias)
+        self.v_proj = skip_init(nn.Linear, cfg.dim, H_kv * D, bias=cfg.qkv_bias)
+        with torch.no_grad():
+            for part, proj in zip((0, 1), (self.k_proj, self.v_proj)):
+                proj.weight.copy_(kv.weight.chunk(2)[part])
+                if cfg.qkv_bias:
+                    proj.bias.copy_(kv.bias.chunk(2)[part])
         self.out_proj = nn.Linear(H * D, cfg.dim, bias=cfg.out_bias)
         self.dropout = nn.Dropout(cfg.dropout)
         self._register_load_state_dict_pre_hook(_split_kv_proj, with_module=True)

@@ -3,29 +3,30 @@
 Fu et al., 2024, "MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression". Each head of
 a causal language model keeps its own sliding window whose span grows with the input length,
 ``S_h(N) = alpha_h + beta_h * N``, plus the first ``sinks`` tokens (attention sinks). The per-head
-``(alpha_h, beta_h)`` come from a plan (:class:`headwise.moa.MoAPlan`, JSON) that ``headwise moa-plan`` searches
-by profiling a dense model; this module runs one layer of it on :func:`headwise.attention`.
+``(alpha_h, beta_h)`` come from a plan (:class:`headwise.patterns.MoAPlan`, JSON) that ``headwise moa-plan``
+searches by profiling a dense model (:mod:`headwise.moa`); this module runs one layer of it on
+:func:`headwise.attention`.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import Tensor, nn
+import torch
+from torch import Tensor
 
-from headwise.core.attention import attention
-from headwise.moa.plan import MoAPlan
-from headwise.patterns import Causal
+from headwise.core.reference import naive_attention
+from headwise.patterns import Causal, Pattern, SinkWindow
+from headwise.patterns.moa_plan import MoAPlan
+from headwise.variants.base import Capabilities, SoftmaxAttention
 from headwise.variants.registry import register
-from headwise.variants.mha import MultiHeadAttention
 
-__all__ = ["MixtureOfSparseAttention", "apply_plan"]
+__all__ = ["MixtureOfSparseAttention", "naive_moa"]
 
 
 @register("moa")
-class MixtureOfSparseAttention(MultiHeadAttention):
+class MixtureOfSparseAttention(SoftmaxAttention):
     r"""Causal multi-head attention where head ``h`` attends a window of span ``S_h(N)`` and the sink tokens.
 
     .. math::
@@ -34,9 +35,9 @@ class MixtureOfSparseAttention(MultiHeadAttention):
         M_h[i, j] = 0 \text{ iff } j \le i \text{ and } (i - j < S_h(N) \text{ or } j < \text{sinks}),
         \quad S_h(N) = \alpha_h + \beta_h N
 
-    (``-inf`` elsewhere), then the usual concatenation and output projection (:class:`MultiHeadAttention`, whose
-    projections this module reuses; ``g(h)`` the key/value head of query head ``h``). ``S_h(N)`` is floored and
-    clamped to ``[1, N]`` (:func:`headwise.moa.span_at`). The pattern is
+    (``-inf`` elsewhere), then the usual concatenation and output projection (the projections of
+    :class:`~headwise.variants.mha.MultiHeadAttention`; ``g(h)`` the key/value head of query head ``h``). ``S_h(N)`` is floored and
+    clamped to ``[1, N]`` (:func:`headwise.patterns.moa_plan.span_at`). The pattern is
     ``PerHead([SinkWindow(S_h(N), sinks)])``, rebuilt per length (cached by the engine).
 
     Shapes: ``x`` ``[B, N, C]`` -> ``[B, N, C]``; inside, q ``[B, H, N, D]``, k and v ``[B, H_kv, N, D]``.
@@ -44,27 +45,31 @@ class MixtureOfSparseAttention(MultiHeadAttention):
     Args:
         dim: model width ``C``.
         heads: query heads ``H`` (must equal the plan's heads per layer).
-        plan: an :class:`~headwise.moa.MoAPlan`, a path to its JSON, or its dict; default ``None``: every head
+        plan: an :class:`~headwise.patterns.MoAPlan`, a path to its JSON, or its dict; default ``None``: every head
             ``alpha = 64, beta = 0.125`` with 4 sinks (a uniform baseline, headwise's choice).
         layer: which layer of the plan this module is (default 0).
         kv_heads, head_dim, qkv_bias, out_bias, dropout, backend: as :class:`MultiHeadAttention`.
         pattern: ``None`` or :class:`~headwise.patterns.Causal` (accepted and dropped: the plan's sink + window
             masks are causal already); the plan gives the pattern.
+        causal: always True (the plan's masks are causal); ``causal=False`` is an error.
 
     Self-attention only (no ``context``, no ``key_padding_mask``): MoA is for causal decoders (prefill).
 
     Example:
         >>> import torch, headwise
-        >>> plan = headwise.moa.MoAPlan(alphas=[[8, 0, 16, 4]], betas=[[0, 0.5, 0.25, 1]], sinks=2)
+        >>> plan = headwise.patterns.MoAPlan(alphas=[[8, 0, 16, 4]], betas=[[0, 0.5, 0.25, 1]], sinks=2)
         >>> m = headwise.create("moa", dim=64, heads=4, plan=plan)
         >>> m(torch.randn(2, 100, 64)).shape
         torch.Size([2, 100, 64])
     """
 
-    moa_profilable = True  # headwise.moa.InfluenceProfiler profiles it as its dense causal model
+    capabilities = Capabilities(causal="always", softmax=True)
+    example_config = {"dim": 16, "heads": 4, "kv_heads": 2,
+                      "plan": MoAPlan(alphas=[[3, 0, 4, 1]], betas=[[0, 0.5, 0.25, 1]], sinks=1)}
 
     @dataclass
-    class Config(MultiHeadAttention.Config):
+    class Config(SoftmaxAttention.Config):
+        causal: bool = True  # always True: the plan's sink + window masks are causal
         plan: MoAPlan | str | dict | None = None  # the MoA plan, a path to its JSON or its dict; None: uniform
         layer: int = 0  # index of this module's layer in the plan
 
@@ -74,6 +79,8 @@ class MixtureOfSparseAttention(MultiHeadAttention):
                 raise ValueError(f"moa takes its per-head pattern from the plan (causal sink + window masks); pass "
                                  f"pattern=None, got pattern={self.pattern!r}")
             self.pattern = None  # Causal() is accepted: the plan's masks are causal already
+            if self.causal is not True:
+                raise ValueError(f"moa is causal by its plan, got causal={self.causal!r}")
             if self.plan is None:  # the same uniform plan for every layer
                 depth = self.layer + 1 if isinstance(self.layer, int) and not isinstance(self.layer, bool) else 1
                 self.plan = MoAPlan.uniform(max(1, depth), self.heads, alpha=64, beta=0.125, sinks=4)
@@ -89,44 +96,29 @@ class MixtureOfSparseAttention(MultiHeadAttention):
                 raise ValueError(f"layer must be an int in [0, {self.plan.layers}) (the plan's layers), "
                                  f"got layer={self.layer!r}")
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        *,
-        kv_heads: int | None = None,
-        head_dim: int | None = None,
-        pattern: Causal | None = None,
-        qkv_bias: bool = True,
-        out_bias: bool = True,
-        dropout: float = 0.0,
-        backend: str = "auto",
-        plan: MoAPlan | str | dict | None = None,
-        layer: int = 0,
-    ):
-        cfg = self.Config(dim=dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim, pattern=pattern,
-                          qkv_bias=qkv_bias, out_bias=out_bias, dropout=dropout, backend=backend, plan=plan, layer=layer)
-        super().__init__(dim, heads, kv_heads=kv_heads, head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
-                         dropout=dropout, backend=backend)  # builds a default-plan Config, replaced below
-        self.config = cfg
-        self.plan, self.layer = cfg.plan, cfg.layer
+    def build(self, cfg) -> None:
+        super().build(cfg)
+        self.pattern = None  # the plan gives the pattern at each length (attention_pattern)
 
-    def pattern_at(self, n: int):
-        """The per-head pattern at ``n`` tokens."""
-        return self.plan.pattern(self.layer, n)
+    @property
+    def plan(self) -> MoAPlan:
+        return self.config.plan
 
-    def forward(self, x: Tensor, context: Tensor | None = None, *, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Causal MoA self-attention of ``x`` ``[B, N, C]``; returns ``[B, N, C]``."""
-        if context is not None or key_padding_mask is not None:
-            raise ValueError("moa is causal self-attention: context and key_padding_mask are not supported")
-        q, k, v = self.project(x)  # (B, H, N, D), 2 x (B, H_kv, N, D)
-        B, N = x.shape[0], x.shape[1]
-        out = attention(q, k, v, self.pattern_at(N), backend=self.backend)  # (B, H, N, D)
-        out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, H*D)
-        return self.dropout(self.out_proj(out))  # (B, N, C)
+    @property
+    def layer(self) -> int:
+        return self.config.layer
+
+    def attention_pattern(self, n_q: int, n_kv: int) -> Pattern:
+        """The per-head pattern ``PerHead([SinkWindow(S_h(N), sinks)])`` at ``N = n_q`` tokens (cached by the
+        engine per pattern)."""
+        return self.plan.pattern(self.layer, n_q)
+
+    def pattern_at(self, n: int) -> Pattern:
+        """The per-head pattern at ``n`` tokens (:meth:`attention_pattern` of a self-attention call)."""
+        return self.attention_pattern(n, n)
 
     @classmethod
-    def from_mha(cls, mha: MultiHeadAttention, plan: MoAPlan, layer: int = 0) -> MixtureOfSparseAttention:
+    def from_mha(cls, mha: SoftmaxAttention, plan: MoAPlan, layer: int = 0) -> MixtureOfSparseAttention:
         """An MoA module with the projections (copied weights) of a trained ``mha``/``gqa``/``mqa`` module."""
         c = mha.config
         m = cls(c.dim, c.heads, plan=plan, layer=layer, kv_heads=c.kv_heads, head_dim=c.head_dim,
@@ -141,23 +133,19 @@ class MixtureOfSparseAttention(MultiHeadAttention):
                 f"betas={list(self.plan.betas[c.layer])}, backend={c.backend!r}")
 
 
-def apply_plan(model: nn.Module, plan: MoAPlan) -> nn.Module:
-    """A copy of ``model`` whose attention layers (in the order of :func:`headwise.moa.attention_layers`) are
-    :class:`MixtureOfSparseAttention` modules running ``plan`` with the same weights."""
-    from headwise.moa.profile import attention_layers
-
-    if not isinstance(plan, MoAPlan):
-        raise TypeError(f"plan must be an MoAPlan, got {type(plan).__name__}")
-    model = copy.deepcopy(model)
-    layers = attention_layers(model)
-    if len(layers) != plan.layers:
-        raise ValueError(f"the plan has {plan.layers} layers but the model has {len(layers)} attention layers")
-    names = {id(m): name for name, m in model.named_modules()}
-    for i, m in enumerate(layers):
-        new = MixtureOfSparseAttention.from_mha(m, plan, i)
-        name = names[id(m)]
-        if name == "":
-            return new
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, new)
-    return model
+def naive_moa(m: MixtureOfSparseAttention, x: Tensor) -> Tensor:
+    """The reference of :class:`MixtureOfSparseAttention`, written from the paper: the projections, then per head
+    ``h`` its span ``S_h(N) = clamp(floor(alpha_h + beta_h N), 1, N)`` computed here from the plan's numbers, one
+    dense masked softmax over the ``SinkWindow`` of that span (:func:`headwise.core.reference.naive_attention`),
+    the output projection. Compare in ``eval()`` mode (no output dropout)."""
+    q, k, v = m.project(x)
+    N = x.shape[1]
+    outs = []
+    for h in range(m.heads):
+        a, b = m.plan.alphas[m.layer][h], m.plan.betas[m.layer][h]
+        span = min(max(int(a + b * N), 1), N)
+        g = h // (m.heads // m.kv_heads)
+        o, _ = naive_attention(q[:, h : h + 1], k[:, g : g + 1], v[:, g : g + 1], SinkWindow(span, m.plan.sinks))
+        outs.append(o)
+    out = torch.cat(outs, 1).transpose(1, 2).reshape(x.shape[0], N, -1)
+    return m.out_proj(out)

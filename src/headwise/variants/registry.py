@@ -79,7 +79,10 @@ def create(spec: str, **config: Any) -> nn.Module:
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ValueError(f"bad config for variant {name!r}: missing required field(s) {missing}")
-    return cls(**merged)
+    try:
+        return cls(**merged)
+    except TypeError as e:  # a value of the wrong type: a bad spec, reported like the other config errors
+        raise ValueError(f"bad config for variant {name!r}: {e}") from None
 
 
 def _load_builtin() -> None:

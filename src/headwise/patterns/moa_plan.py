@@ -12,7 +12,8 @@ import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headwise.patterns import PerHead, SinkWindow
+from headwise.patterns.base import PerHead
+from headwise.patterns.moa import SinkWindow
 
 __all__ = ["MoAPlan", "span_at", "causal_density"]
 
