@@ -17,7 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import headwise
-from headwise.distributed import (ContextParallel, count_communication, data_parallel_train, gather_sequence,
+from headwise.arena import data_parallel_train
+from headwise.parallel import ContextParallel
+from headwise.distributed import (count_communication, gather_sequence,
                                   head_parallel_attention, ring_attention, run_local, shard_sequence)
 from headwise.distributed.ring import ring_plan
 from headwise.distributed.sharding import ShardLayout

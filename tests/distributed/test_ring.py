@@ -5,9 +5,8 @@ the per-pair backward with the global log-sum-exp."""
 import pytest
 import torch
 
-import headwise
 from headwise.core.reference import naive_attention
-from headwise.distributed import ring
+from headwise.distributed import head_parallel_attention, ring, ring_attention
 from headwise.distributed.ring import build_ring_plan, chunk_states, pair_backward
 from headwise.distributed.sharding import ShardLayout
 from headwise.patterns import Causal, Neighborhood, PerHead, SlidingWindow
@@ -97,3 +96,11 @@ def test_pair_backward_sums_to_the_full_gradient(name, kernel, monkeypatch):
         dvs.append(gv)
     for got, ref in zip((dq, torch.cat(dks, 2), torch.cat(dvs, 2)), want):
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("fn", [ring_attention, head_parallel_attention], ids=["ring", "heads"])
+def test_cross_attention_shards_are_refused(fn):
+    q = torch.zeros(1, 2, 8, 4)
+    k = torch.zeros(1, 2, 6, 4)
+    with pytest.raises(ValueError, match="self-attention"):
+        fn(q, k, k)

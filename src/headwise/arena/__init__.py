@@ -3,7 +3,8 @@
 * :mod:`headwise.arena.models`: LM / ViT / in-context-regression builders whose mixers are registry specs, and
   the one adapter (:func:`plan_mixer`) that says how -- or why not -- a variant serves a model;
 * :mod:`headwise.arena.tasks`: the task registry (``get_task("mqar")``);
-* :mod:`headwise.arena.train`: the deterministic, resumable AdamW + cosine training loop;
+* :mod:`headwise.arena.train`: the deterministic, resumable AdamW + cosine training loop, and its data-parallel
+  form (:func:`data_parallel_train`, under ``torchrun``);
 * :mod:`headwise.arena.runner`: ``headwise arena`` (results.json, leaderboard.md, plots);
 * :mod:`headwise.arena.data`: the data generators and offline loaders.
 
@@ -14,7 +15,7 @@
 from headwise.arena.models import Unsupported, build_lm, build_regression, build_vit, plan_mixer, split_specs
 from headwise.arena.runner import run
 from headwise.arena.tasks import available_tasks, get_task, register_task
-from headwise.arena.train import train
+from headwise.arena.train import data_parallel_train, train
 
-__all__ = ["run", "train", "get_task", "available_tasks", "register_task", "build_lm", "build_vit",
+__all__ = ["run", "train", "data_parallel_train", "get_task", "available_tasks", "register_task", "build_lm", "build_vit",
            "build_regression", "plan_mixer", "split_specs", "Unsupported"]

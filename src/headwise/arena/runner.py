@@ -18,7 +18,7 @@ steps), ``tokens_per_s`` (training tokens / ``train_s``; images count their patc
 ``curve`` (``[step, mean loss]`` pairs, about 50), ``notes``.
 
 Data parallel: under ``torchrun --nproc_per_node P -m headwise arena ...`` every rank trains on its ``1 / P`` slice
-of each batch of a DDP model (:func:`headwise.distributed.data_parallel_train`; the task's batch must divide by
+of each batch of a DDP model (:func:`headwise.arena.data_parallel_train`; the task's batch must divide by
 ``P``), which gives the parameters of single-process training on the whole batch; rank 0 alone writes the
 checkpoints, ``results.json``, the leaderboard and the plots, and a rerun resumes from them.
 """
@@ -38,7 +38,8 @@ import torch
 import headwise
 from headwise.arena.models import count_params, split_specs
 from headwise.arena.tasks import Task, get_task
-from headwise.distributed.wrappers import data_parallel_train, init_from_env
+from headwise.arena.train import data_parallel_train
+from headwise.parallel.data import init_from_env
 from headwise.tables import first_line
 from headwise.bench.timing import environment, peak_memory_mb
 

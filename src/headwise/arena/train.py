@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from headwise.checks import check_positive_int
+from headwise.distributed.sharding import collective, world_and_rank
+from headwise.parallel.data import DataParallel, shard_batch
 
-__all__ = ["cosine_lr", "train", "TrainResult", "progress_bar"]
+__all__ = ["cosine_lr", "train", "TrainResult", "progress_bar", "data_parallel_train"]
 
 
 def cosine_lr(step: int, *, steps: int, lr: float, warmup: int = 0) -> float:
@@ -180,4 +183,29 @@ def train(
             bar.stop()
     if result.steps != last_saved or path is not None and not path.exists():
         save()
+    return result
+
+
+def data_parallel_train(model: nn.Module, batch_fn: Callable[[int], Any], loss_fn: Callable, *, group=None,
+                        **train_kwargs):
+    """:func:`train` with data parallelism over ``group`` when torch.distributed runs with more
+    than one rank (otherwise exactly ``train``).
+
+    ``batch_fn(step)`` returns the global batch (the same on every rank: a pure function of the step); each rank
+    trains on its slice (:func:`headwise.parallel.shard_batch`) of a :class:`~headwise.parallel.DataParallel` (DDP) model, whose gradients are averaged
+    over the ranks: with a loss that is a mean over equally weighted examples, the parameters after each step
+    equal single-process training on the whole batch (tested). Only rank 0 writes the checkpoint; every rank
+    reads it when resuming (a shared filesystem path). The model's parameters are broadcast from rank 0 when
+    wrapped. Returns the :class:`TrainResult` (losses: this rank's slice).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return train(model, batch_fn, loss_fn, **train_kwargs)
+    _, rank = world_and_rank(group)
+    ddp = DataParallel(model, process_group=group)
+    if train_kwargs.get("checkpoint") is not None:  # rank 0 has finished writing (also after an interruption)
+        collective("data_parallel_train", "barrier", group, dist.barrier)
+    result = train(ddp, lambda step: shard_batch(batch_fn(step), group), loss_fn, is_main=rank == 0,
+                   **train_kwargs)
+    if train_kwargs.get("checkpoint") is not None:  # the final checkpoint exists before anyone reads it
+        collective("data_parallel_train", "barrier", group, dist.barrier)
     return result

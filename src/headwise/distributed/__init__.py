@@ -6,10 +6,10 @@
 >>> out = hd.ring_attention(qs, ks, vs, headwise.patterns.Causal(), seq_len=q.shape[2])
 >>> full = hd.gather_sequence(out, seq_len=q.shape[2])                       # equals headwise.attention(q, k, v, Causal())
 
-Also: :func:`head_parallel_attention` (all-to-all; heads divisible by ranks), :class:`ContextParallel` (mha, gqa,
-mqa modules on sequence shards), :func:`data_parallel_train` (DDP training with the arena's loop),
-:func:`count_communication`, :func:`run_local` (P local gloo processes, for tests and ``headwise bench
-distributed``). Launch with ``torchrun`` (README: multi-node, NCCL on GPUs).
+Also: :func:`head_parallel_attention` (all-to-all; heads divisible by ranks), :func:`count_communication`,
+:func:`run_local` (P local gloo processes, for tests and ``headwise bench distributed``). Launch with ``torchrun``
+(README: multi-node, NCCL on GPUs). These are operations on heads; running modules over process groups is
+:mod:`headwise.parallel` (``ContextParallel``, DDP plumbing) and the arena (``data_parallel_train``).
 """
 
 from headwise.distributed.head_parallel import head_parallel_attention
@@ -17,8 +17,6 @@ from headwise.distributed.launch import run_local
 from headwise.distributed.ring import ring_attention
 from headwise.distributed.sharding import (LAYOUTS, CommCounter, ShardLayout, count_communication, gather_sequence,
                                            shard_sequence)
-from headwise.distributed.wrappers import ContextParallel, data_parallel_train, init_from_env, shard_batch
 
 __all__ = ["ring_attention", "head_parallel_attention", "shard_sequence", "gather_sequence", "ShardLayout", "LAYOUTS",
-           "ContextParallel", "count_communication", "CommCounter", "run_local", "data_parallel_train",
-           "init_from_env", "shard_batch"]
+           "count_communication", "CommCounter", "run_local"]

@@ -1,17 +1,21 @@
-"""ContextParallel and the data-parallel helpers: argument errors (in-process; the multi-process runs are in
-test_context_parallel.py)."""
+"""ContextParallel and the data-parallel helpers: which modules are supported (read from their capabilities) and
+argument errors (in-process; the multi-process runs are in tests/distributed/test_context_parallel.py)."""
 
 import pytest
 import torch
 
 import headwise
-from headwise.distributed import ContextParallel, head_parallel_attention, init_from_env, ring_attention
-from headwise.distributed.wrappers import supports
+from headwise.parallel import ContextParallel, init_from_env, supports
 
 
-@pytest.mark.parametrize("variant", ["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("variant", ["mha", "gqa", "mqa", "moa"])
 def test_softmax_variants_are_supported(variant):
     assert supports(headwise.create(variant, dim=16, heads=4))
+
+
+@pytest.mark.parametrize("variant", ["moba", "hip"])
+def test_variants_without_a_softmax_step_are_not(variant):
+    assert not supports(headwise.create(variant, dim=16, heads=4))
 
 
 def test_other_modules_are_refused():
@@ -24,14 +28,6 @@ def test_other_modules_are_refused():
 def test_bad_options_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         ContextParallel(headwise.create("mha", dim=16, heads=4), **kw)
-
-
-@pytest.mark.parametrize("fn", [ring_attention, head_parallel_attention], ids=["ring", "heads"])
-def test_cross_attention_shards_are_refused(fn):
-    q = torch.zeros(1, 2, 8, 4)
-    k = torch.zeros(1, 2, 6, 4)
-    with pytest.raises(ValueError, match="self-attention"):
-        fn(q, k, k)
 
 
 def test_init_from_env_outside_torchrun(monkeypatch):
