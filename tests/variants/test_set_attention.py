@@ -1,65 +1,25 @@
-"""Set attention (Distribution Transformer layer, OAT object positions) and M3's memory attention against float64
-computations written out here, plus their permutation symmetries."""
-
-import math
+"""Set attention (Distribution Transformer layer, OAT object positions) against the layer written out
+(:func:`headwise.variants.set_attention.naive_set_attention`, on :func:`headwise.variants.mha.naive_mha`), plus
+its permutation symmetries."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import headwise
-from headwise.variants.sets import MemoryAttention, SetAttention, object_positional_encoding
-
-F64 = torch.float64
-
-
-def rand(*shape, seed=0, dtype=F64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def assert_all_params_get_grads(module, out):
-    loss = (out * rand(*out.shape, seed=1, dtype=out.dtype)).sum()
-    params = dict(module.named_parameters())
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    for (name, _), g in zip(params.items(), grads):
-        assert g is not None, f"{name} got no gradient"
-        assert torch.isfinite(g).all() and g.abs().max() > 0, f"{name} has a zero or non-finite gradient"
-
-
-def naive_mha(m, x, c):
-    B, N, _ = x.shape
-    M = c.shape[1]
-    H, D = m.heads, m.head_dim
-    w_k, w_v = m.kv_proj.weight.chunk(2)
-    b_k, b_v = m.kv_proj.bias.chunk(2)
-    q = F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)
-    k = F.linear(c, w_k, b_k).view(B, M, H, D).transpose(1, 2)
-    v = F.linear(c, w_v, b_v).view(B, M, H, D).transpose(1, 2)
-    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), dim=-1)
-    return F.linear((p @ v).transpose(1, 2).reshape(B, N, H * D), m.out_proj.weight, m.out_proj.bias)
-
-
-def ln(mod, x):
-    return F.layer_norm(x, (x.shape[-1],), mod.weight, mod.bias)
-
-
-def naive_set_attention(m, z, data=None):
-    z = z + naive_mha(m.self_attn, ln(m.norm_self, z), ln(m.norm_self, z))
-    if data is not None:
-        z = z + naive_mha(m.cross_attn, ln(m.norm_cross, z), ln(m.norm_data, data))
-    h = F.gelu(F.linear(ln(m.norm_mlp, z), m.mlp[0].weight, m.mlp[0].bias))
-    return z + F.linear(h, m.mlp[2].weight, m.mlp[2].bias)
-
-
-# ---------------------------------------------------------------------------------------------- set_attention
+from headwise.variants.set_attention import SetAttention, naive_set_attention, object_positional_encoding
+from variants.mixers_common import F64, assert_all_params_get_grads, rand
 
 
 @pytest.mark.parametrize("K,M", [(1, 1), (8, 63), (5, 100)], ids=lambda v: str(v))
 def test_set_attention_matches_written_out_layer(K, M):
     torch.manual_seed(0)
     m = SetAttention(16, 4).double()
-    z, data = rand(2, K, 16), rand(2, M, 16, seed=1)
-    torch.testing.assert_close(m(z, data), naive_set_attention(m, z, data), rtol=1e-10, atol=1e-10)
+    z, data = rand(2, K, 16).requires_grad_(), rand(2, M, 16, seed=1).requires_grad_()
+    out, ref = m(z, data), naive_set_attention(m, z, data)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g, wrt = rand(*out.shape, seed=3), [z, data, *m.parameters()]
+    for a, b in zip(torch.autograd.grad((out * g).sum(), wrt), torch.autograd.grad((ref * g).sum(), wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(m(z), naive_set_attention(m, z), rtol=1e-10, atol=1e-10)
 
 
@@ -94,7 +54,7 @@ def test_set_attention_positions_are_added_before_the_layer():
     m = SetAttention(8, 2).double()
     z, data = rand(2, 5, 8), rand(2, 7, 8, seed=1)
     pos, dpos = rand(2, 5, 2, seed=2), rand(2, 7, 2, seed=3)
-    out = m(z, data, positions=pos, data_positions=dpos)
+    out = m(z, data, positions=pos, context_positions=dpos)
     ref = m(z + object_positional_encoding(pos, 8), data + object_positional_encoding(dpos, 8))
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     # with positions, permuting objects together with their positions still permutes the output
@@ -111,53 +71,38 @@ def test_set_attention_grads_and_errors():
         SetAttention(10, 4)
     with pytest.raises(ValueError, match=r"positions must be \[B, K, P\]"):
         m(torch.randn(2, 4, 8), positions=torch.randn(2, 3, 2))
-    with pytest.raises(ValueError, match="data_positions given without data"):
-        m(torch.randn(2, 4, 8), data_positions=torch.randn(2, 3, 2))
+    with pytest.raises(ValueError, match="context_positions given without context"):
+        m(torch.randn(2, 4, 8), context_positions=torch.randn(2, 3, 2))
 
 
-# ------------------------------------------------------------------------------------------- memory_attention
-
-
-def naive_memory_attention(m, x, memory):
-    B, N, _ = x.shape
-    H, D, Cm = m.config.heads, m.config.head_dim, m.config.memory_dim
-    outs = []
-    for h in range(H):
-        q = F.linear(x, m.q_proj.weight[h * D:(h + 1) * D], m.q_proj.bias[h * D:(h + 1) * D])  # (B, N, D)
-        k = memory @ m.k_proj.weight[h * D:(h + 1) * D].T  # (S, D)
-        p = torch.softmax(q @ k.T / math.sqrt(D), dim=-1)  # (B, N, S)
-        outs.append(p @ memory[:, h * Cm // H:(h + 1) * Cm // H])  # (B, N, Cm/H)
-    return torch.cat(outs, dim=-1)
-
-
-@pytest.mark.parametrize("heads,S,N", [(1, 1, 1), (1, 30, 63), (4, 17, 20)], ids=lambda v: str(v))
-def test_memory_attention_matches_written_out(heads, S, N):
+def test_old_forward_keywords_data_and_data_positions_still_work_and_warn():
     torch.manual_seed(0)
-    m = MemoryAttention(6, 16, heads=heads).double()
-    x, memory = rand(2, N, 6), rand(S, 16, seed=1)
-    out = m(x, memory)
-    torch.testing.assert_close(out, naive_memory_attention(m, x, memory), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(m(x, memory.expand(2, S, 16)), out)
+    m = SetAttention(8, 2).double()
+    z, data, dpos = rand(2, 5, 8), rand(2, 7, 8, seed=1), rand(2, 7, 2, seed=3)
+    with pytest.warns(FutureWarning, match="data= is renamed context="):
+        old = m(z, data=data)
+    torch.testing.assert_close(old, m(z, data), rtol=0, atol=0)
+    with pytest.warns(FutureWarning, match="data_positions= is renamed context_positions="):
+        old = m(z, data, data_positions=dpos)
+    torch.testing.assert_close(old, m(z, data, context_positions=dpos), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="give only the new"):
+        m(z, data, data=data)
 
 
-def test_memory_attention_output_is_a_convex_combination_of_entries():
-    m = MemoryAttention(4, 5).double()
-    x = rand(3, 7, 4)
-    single = rand(1, 5, seed=2)
-    torch.testing.assert_close(m(x, single), single.expand(3, 7, 5))  # one entry: always that entry
-    weights = m(x, torch.eye(5, dtype=F64))  # identity memory: the output is the attention distribution
-    assert (weights >= 0).all()
-    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 7, dtype=F64))
-
-
-def test_memory_attention_learned_bank_grads_and_errors():
-    m = headwise.create("memory_attention(memory_dim=8, entries=12, heads=2)", dim=4)
-    assert_all_params_get_grads(m, m(torch.randn(2, 9, 4)))
-    with pytest.raises(ValueError, match="needs a memory"):
-        MemoryAttention(4, 8)(torch.randn(2, 9, 4))
-    with pytest.raises(ValueError, match="memory_dim must be divisible by heads, got memory_dim=8 heads=3"):
-        MemoryAttention(4, 8, heads=3)
-    with pytest.raises(ValueError, match=r"memory must be \[S, C_m\] or \[B, S, C_m\] with C_m = memory_dim = 8"):
-        MemoryAttention(4, 8)(torch.randn(2, 9, 4), torch.randn(5, 7))
-    with pytest.raises(ValueError, match="must have x's batch size B=2"):
-        MemoryAttention(4, 8)(torch.randn(2, 9, 4), torch.randn(3, 5, 8))
+def test_checkpoints_with_fused_kv_projections_still_load():
+    """Before v2 each attention had a fused ``kv_proj``; those keys load into ``k_proj`` and ``v_proj``."""
+    torch.manual_seed(0)
+    m = SetAttention(8, 2).double()
+    state = m.state_dict()
+    old = {}
+    for key, value in state.items():
+        for attn in ("self_attn", "cross_attn"):
+            for part in ("weight", "bias"):
+                if key == f"{attn}.k_proj.{part}":
+                    old[f"{attn}.kv_proj.{part}"] = torch.cat([value, state[f"{attn}.v_proj.{part}"]])
+        if ".k_proj." not in key and ".v_proj." not in key:
+            old[key] = value
+    fresh = SetAttention(8, 2).double()
+    fresh.load_state_dict(old)
+    z, data = rand(2, 5, 8), rand(2, 7, 8, seed=1)
+    torch.testing.assert_close(fresh(z, data), m(z, data), rtol=0, atol=0)
