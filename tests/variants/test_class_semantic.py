@@ -59,6 +59,7 @@ def test_scores_come_from_the_semantics_not_the_features():
 
 def test_self_gating_and_spec():
     m = headwise.create("class_semantic(kernel_size=5)", dim=16)
+    assert m.caps.inputs == () and ClassSemanticAttention(8, semantic_dim=4).caps.inputs == ("semantics",)
     assert (m.config.semantic_dim, m.config.hidden) == (16, 4)
     x = torch.randn(2, 10, 16)
     torch.testing.assert_close(m(x), m(x, x))

@@ -10,6 +10,7 @@ The reference, the equations with loops over time steps and kernel taps, is :fun
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,9 @@ class ClassSemanticAttention(Variant):
     paper compares against); the two attention-applied features are fused by a sum. With zero gate weights
     and biases both gates are ``1/2`` and the module is the identity (the degenerate case in the tests).
     ``semantics`` is a second input aligned with ``x`` (same ``T``, its own width), not a context to attend to;
-    it is optional only when ``semantic_dim == dim``. The centred temporal kernel and the mean over time make
-    the gates non-causal; there is no attention matrix for ``inspect``.
+    it is optional only when ``semantic_dim == dim`` (otherwise ``capabilities_for`` declares it an input). The
+    centred temporal kernel and the mean over time make the gates non-causal; there is no attention matrix for
+    ``inspect``.
 
     Example:
         >>> import torch, headwise
@@ -82,6 +84,13 @@ class ClassSemanticAttention(Variant):
             check_positive_int("kernel_size", self.kernel_size)
             if self.kernel_size % 2 == 0:
                 raise ValueError(f"kernel_size must be odd (a centred temporal window), got kernel_size={self.kernel_size}")
+
+    @classmethod
+    def capabilities_for(cls, config) -> Capabilities:
+        """``semantics`` is a required input when its width differs from ``dim`` (no self-gating then)."""
+        if config.semantic_dim != config.dim:
+            return dataclasses.replace(cls.capabilities, inputs=("semantics",))
+        return cls.capabilities
 
     def build(self, cfg) -> None:
         self.local = nn.Conv1d(cfg.semantic_dim, cfg.hidden, cfg.kernel_size, padding=cfg.kernel_size // 2)
