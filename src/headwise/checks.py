@@ -10,7 +10,7 @@ from typing import Iterable
 from torch import Tensor
 
 __all__ = ["check_positive_int", "check_bool", "check_choice", "check_number", "check_grid", "check_tokens",
-           "is_number", "resolve_head_dim"]
+           "check_feature_map", "is_number", "resolve_head_dim"]
 
 
 def is_number(x) -> bool:
@@ -79,6 +79,14 @@ def check_tokens(name: str, x, dim: int, *, tokens: int | None = None) -> None:
         raise ValueError(f"{name} must have at least one batch element and token, got {name}.shape={tuple(x.shape)}")
     if tokens is not None and x.shape[1] != tokens:
         raise ValueError(f"{name} must have N = tokens = {tokens} tokens, got {name}.shape={tuple(x.shape)}")
+
+
+def check_feature_map(name: str, x, channels: int) -> None:
+    """``x`` is a tensor ``[B, C, H, W]`` (a CNN feature map) with ``C = channels``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [B, C, H, W], got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name} must be [B, C, H, W] with C = dim = {channels}, got {name}.shape={tuple(x.shape)}")
 
 
 def resolve_head_dim(dim: int, heads: int, head_dim: int | None) -> int:

@@ -1,39 +1,13 @@
-"""class_semantic (CSA) against a float64 computation written out per time step, its degenerate identity case,
+"""class_semantic (CSA) against the equations written out per time step
+(:func:`headwise.variants.class_semantic.naive_class_semantic`), its degenerate identity case,
 gradients to every parameter, and errors."""
 
 import pytest
 import torch
 
 import headwise
-from headwise.variants.semantic import ClassSemanticAttention
-
-F64 = torch.float64
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def naive_csa(m, x, r):
-    """The CSA equations with explicit loops over time steps and kernel taps (zero padding outside [0, T))."""
-    B, T, _ = x.shape
-    w, b = m.local.weight, m.local.bias  # (h, S, k), (h,)
-    k = w.shape[-1]
-    u = []
-    for t in range(T):
-        acc = b.expand(B, -1).clone()  # (B, h)
-        for j in range(k):
-            s = t + j - k // 2
-            if 0 <= s < T:
-                acc = acc + r[:, s] @ w[:, :, j].T
-        u.append(torch.relu(acc))
-    u = torch.stack(u, 1)  # (B, T, h)
-    a_ch = torch.sigmoid(u.mean(1) @ m.channel_gate.weight.T + m.channel_gate.bias)  # (B, C)
-    out = []
-    for t in range(T):
-        a_t = torch.sigmoid(u[:, t] @ m.temporal_gate.weight.T + m.temporal_gate.bias)  # (B, 1)
-        out.append(a_ch * x[:, t] + a_t * x[:, t])
-    return torch.stack(out, 1)  # (B, T, C)
+from headwise.variants.class_semantic import ClassSemanticAttention, naive_class_semantic
+from variants.mixers_common import rand
 
 
 @pytest.mark.parametrize("B,T,C,S,k", [(2, 1, 8, 8, 3), (1, 63, 12, 5, 5), (3, 17, 4, 9, 1)],
@@ -43,7 +17,7 @@ def test_matches_naive_forward_and_backward(B, T, C, S, k):
     m = ClassSemanticAttention(C, semantic_dim=S, hidden=6, kernel_size=k).double()
     x = rand(B, T, C, seed=1).requires_grad_()
     r = rand(B, T, S, seed=2).requires_grad_()
-    out, ref = m(x, r), naive_csa(m, x, r)
+    out, ref = m(x, r), naive_class_semantic(m, x, r)
     assert out.shape == (B, T, C)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     g = rand(B, T, C, seed=3)
@@ -85,6 +59,7 @@ def test_scores_come_from_the_semantics_not_the_features():
 
 def test_self_gating_and_spec():
     m = headwise.create("class_semantic(kernel_size=5)", dim=16)
+    assert m.caps.inputs == () and ClassSemanticAttention(8, semantic_dim=4).caps.inputs == ("semantics",)
     assert (m.config.semantic_dim, m.config.hidden) == (16, 4)
     x = torch.randn(2, 10, 16)
     torch.testing.assert_close(m(x), m(x, x))

@@ -1,27 +1,30 @@
-"""Class Semantics-based Attention (``"class_semantic"``): attention over temporal features driven by the
-semantics of action classes (Sridhar et al., "Class Semantics-based Attention for Action Detection", ICCV 2021).
+"""Class Semantics-based Attention (registered as ``"class_semantic"``): attention over temporal features driven
+by the semantics of action classes (Sridhar et al., "Class Semantics-based Attention for Action Detection", ICCV
+2021).
 
 Not dot-product attention: like squeeze-and-excitation, CSA produces importance scores (a channel gate and a
 temporal gate) that multiply the features; what is new is that the scores are computed from *class-semantic*
 features ``R`` (the action-recognition encoder's output) rather than from the features ``F`` they re-weight.
+The reference, the equations with loops over time steps and kernel taps, is :func:`naive_class_semantic`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from headwise.checks import check_positive_int
+from headwise.checks import check_positive_int, check_tokens
+from headwise.variants.base import Capabilities, Variant
 from headwise.variants.registry import register
-from headwise.variants.vision import _check_tokens
 
-__all__ = ["ClassSemanticAttention"]
+__all__ = ["ClassSemanticAttention", "naive_class_semantic"]
 
 
 @register("class_semantic")
-class ClassSemanticAttention(nn.Module):
+class ClassSemanticAttention(Variant):
     r"""Class Semantics-based Attention, CSA (Sridhar et al., "Class Semantics-based Attention for Action
     Detection", ICCV 2021), on temporal features.
 
@@ -48,13 +51,20 @@ class ClassSemanticAttention(nn.Module):
     sigmoids (per-channel and per-time-step importance in ``(0, 1)``, as in squeeze-and-excitation, which the
     paper compares against); the two attention-applied features are fused by a sum. With zero gate weights
     and biases both gates are ``1/2`` and the module is the identity (the degenerate case in the tests).
+    ``semantics`` is a second input aligned with ``x`` (same ``T``, its own width), not a context to attend to;
+    it is optional only when ``semantic_dim == dim`` (otherwise ``capabilities_for`` declares it an input). The
+    centred temporal kernel and the mean over time make the gates non-causal; there is no attention matrix for
+    ``inspect``.
 
-    Example::
-
+    Example:
+        >>> import torch, headwise
         >>> m = headwise.create("class_semantic(semantic_dim=16)", dim=32)
         >>> m(torch.randn(2, 50, 32), torch.randn(2, 50, 16)).shape
         torch.Size([2, 50, 32])
     """
+
+    capabilities = Capabilities(weights="none")
+    example_config = {"dim": 16, "hidden": 5}
 
     @dataclass
     class Config:
@@ -75,9 +85,14 @@ class ClassSemanticAttention(nn.Module):
             if self.kernel_size % 2 == 0:
                 raise ValueError(f"kernel_size must be odd (a centred temporal window), got kernel_size={self.kernel_size}")
 
-    def __init__(self, dim: int, *, semantic_dim: int | None = None, hidden: int | None = None, kernel_size: int = 3):
-        super().__init__()
-        self.config = cfg = self.Config(dim=dim, semantic_dim=semantic_dim, hidden=hidden, kernel_size=kernel_size)
+    @classmethod
+    def capabilities_for(cls, config) -> Capabilities:
+        """``semantics`` is a required input when its width differs from ``dim`` (no self-gating then)."""
+        if config.semantic_dim != config.dim:
+            return dataclasses.replace(cls.capabilities, inputs=("semantics",))
+        return cls.capabilities
+
+    def build(self, cfg) -> None:
         self.local = nn.Conv1d(cfg.semantic_dim, cfg.hidden, cfg.kernel_size, padding=cfg.kernel_size // 2)
         self.channel_gate = nn.Linear(cfg.hidden, cfg.dim)
         self.temporal_gate = nn.Linear(cfg.hidden, 1)
@@ -92,18 +107,40 @@ class ClassSemanticAttention(nn.Module):
     def forward(self, x: Tensor, semantics: Tensor | None = None) -> Tensor:
         """``x`` ``[B, T, C]`` re-weighted by the scores of ``semantics`` ``[B, T, S]`` (``x`` when None)."""
         cfg = self.config
-        _check_tokens("x", x, cfg.dim)
+        if isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] < 1:
+            raise ValueError(f"x must have T >= 1 time steps, got x.shape={tuple(x.shape)}")
+        check_tokens("x", x, cfg.dim)
         if semantics is None:
             if cfg.semantic_dim != cfg.dim:
                 raise ValueError(f"semantics is required when semantic_dim={cfg.semantic_dim} != dim={cfg.dim}")
             semantics = x
-        _check_tokens("semantics", semantics, cfg.semantic_dim)
-        if semantics.shape[:2] != x.shape[:2] or x.shape[1] < 1:
+        check_tokens("semantics", semantics, cfg.semantic_dim)
+        if semantics.shape[:2] != x.shape[:2]:
             raise ValueError(f"semantics must share x's batch and time axes (T >= 1), got x.shape={tuple(x.shape)} "
                              f"semantics.shape={tuple(semantics.shape)}")
         channel, temporal = self.scores(semantics)  # (B, 1, C), (B, T, 1)
         return channel * x + temporal * x  # (B, T, C)
 
-    def extra_repr(self) -> str:
-        c = self.config
-        return f"dim={c.dim}, semantic_dim={c.semantic_dim}, hidden={c.hidden}, kernel_size={c.kernel_size}"
+
+def naive_class_semantic(m: ClassSemanticAttention, x: Tensor, semantics: Tensor) -> Tensor:
+    """Reference of :class:`ClassSemanticAttention` with its own weights: the CSA equations with explicit loops
+    over time steps and kernel taps (zero padding outside ``[0, T)``). ``x`` ``[B, T, C]``, ``semantics``
+    ``[B, T, S]`` -> ``[B, T, C]``."""
+    B, T, _ = x.shape
+    w, b = m.local.weight, m.local.bias  # (h, S, k), (h,)
+    k = w.shape[-1]
+    u = []
+    for t in range(T):
+        acc = b.expand(B, -1).clone()  # (B, h)
+        for j in range(k):
+            s = t + j - k // 2
+            if 0 <= s < T:
+                acc = acc + semantics[:, s] @ w[:, :, j].T
+        u.append(torch.relu(acc))
+    u = torch.stack(u, 1)  # (B, T, h)
+    a_ch = torch.sigmoid(u.mean(1) @ m.channel_gate.weight.T + m.channel_gate.bias)  # (B, C)
+    out = []
+    for t in range(T):
+        a_t = torch.sigmoid(u[:, t] @ m.temporal_gate.weight.T + m.temporal_gate.bias)  # (B, 1)
+        out.append(a_ch * x[:, t] + a_t * x[:, t])
+    return torch.stack(out, 1)  # (B, T, C)
