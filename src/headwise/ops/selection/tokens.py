@@ -4,7 +4,7 @@ attention (attention rollout) and LSceneLLM's dense token selector.
 
 Pure functions: no parameters, no gradients (the papers train through the attention over the chosen keys only,
 the choice itself is not differentiated). The attention that uses these selections is in
-:mod:`headwise.variants.dynamic` (DMA, top-k, Sparsifiner) and :mod:`headwise.variants.cross` (DCAL's GLCA).
+:mod:`headwise.variants.dynamic` (DMA, top-k, Sparsifiner) and :mod:`headwise.variants.glca` (DCAL's GLCA).
 
 Tie-breaking, everywhere and in the brute-force tests: equal scores rank the lower index first (the order of a
 stable descending sort). A selection keeps ``min(count, available)`` entries.
