@@ -4,9 +4,8 @@ naive_region_attention (the same weights, float64)."""
 import pytest
 import torch
 
-from headwise import patterns
 from headwise.variants.mha import naive_mha
-from headwise.variants.shared_kv import SharedKVAttention, key_masked_attention, naive_region_attention
+from headwise.variants.shared_kv import SharedKVAttention, naive_region_attention
 from variants.cross_common import assert_all_params_get_grads, rand
 
 
@@ -32,18 +31,6 @@ def test_shared_kv_regions_match_masked_loop(N, M, R, kv_heads):
     torch.testing.assert_close(out, naive_region_attention(m, x, ref, q_regions, k_regions), rtol=1e-10, atol=1e-10)
     if M > 1:  # with a single key the softmax is constant and q_proj rightly gets no gradient
         assert_all_params_get_grads(m, [out])
-
-
-@pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_key_masked_attention_sdpa_and_keymask_paths_agree(backend):
-    """The dense SDPA path (no pattern, auto) and the per-mask KeyMask path give the same result; an element with
-    no usable key gives zeros."""
-    q, k, v = rand(3, 4, 6, 5), rand(3, 2, 7, 5, seed=1), rand(3, 2, 7, 5, seed=2)
-    keep = torch.tensor([[1, 0, 1, 1, 0, 0, 1], [0] * 7, [1] * 7], dtype=torch.bool)
-    out = key_masked_attention(q, k, v, keep, None, backend)
-    ref = key_masked_attention(q, k, v, keep, patterns.Causal(offset=100), "reference")  # a pattern allowing all
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    assert (out[1] == 0).all()
 
 
 def test_shared_kv_errors():

@@ -58,7 +58,8 @@ from headwise.core.attention import BACKENDS, attention
 from headwise.patterns import Causal, Pattern, from_spec
 
 __all__ = ["Capabilities", "Variant", "ProjectedAttention", "SoftmaxAttention", "LAYOUTS", "CAUSAL_MODES",
-           "GRID_NEEDS", "OUTPUTS", "WEIGHTS", "check_backend", "resolve_pattern"]
+           "GRID_NEEDS", "OUTPUTS", "WEIGHTS", "check_backend", "resolve_pattern", "key_value_projections",
+           "split_kv_proj"]
 
 LAYOUTS = ("tokens", "image", "set")
 CAUSAL_MODES = ("none", "optional", "always")
@@ -79,7 +80,8 @@ class Capabilities:
     context: bool = False  # forward(x, context) attends from x to another sequence [B, M, C]
     key_padding: bool = False  # forward(..., key_padding_mask=[B, M] bool, True = padded key)
     inputs: tuple[str, ...] = ()  # further inputs forward requires besides x (then it is not a self-attention mixer)
-    output: str = "tensor"  # "tensor": y like x; "tuple": (y, extras...) with y first
+    output: str = "tensor"  # "tensor": y; "tuple": (y, extras...) with y first
+    mixer: bool = True  # y has x's shape: a token mixer that can replace attention inside a block
     decode: bool = False  # prefill(x) -> (y, state) and step(x_t, state) -> (y_t, state) reproduce forward
     weights: str = "observed"  # inspect sees the probabilities: "observed" (calls headwise.attention), "method" (attention_weights(*inputs) -> [B, H, N, M]), "none"
     softmax: bool = False  # attend(q, k, v) is headwise.attention with attention_pattern(N, M) on per-token projections, so tools may run it their way (ring, dense profile)
@@ -89,7 +91,7 @@ class Capabilities:
                             ("output", OUTPUTS), ("weights", WEIGHTS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"Capabilities.{name} must be one of {valid}, got {name}={getattr(self, name)!r}")
-        for name in ("tokens", "context", "key_padding", "decode", "softmax"):
+        for name in ("tokens", "context", "key_padding", "decode", "softmax", "mixer"):
             check_bool(f"Capabilities.{name}", getattr(self, name))
         if not isinstance(self.inputs, tuple) or not all(isinstance(i, str) for i in self.inputs):
             raise TypeError(f"Capabilities.inputs must be a tuple of names, got inputs={self.inputs!r}")
@@ -109,6 +111,8 @@ class Capabilities:
             parts.append("needs " + ", ".join(self.inputs))
         if self.output != "tensor":
             parts.append(f"returns a {self.output}")
+        if not self.mixer:
+            parts.append("not a mixer")
         if self.weights != "observed":
             parts.append(f"weights: {self.weights}")
         return ", ".join(parts)
@@ -211,6 +215,11 @@ class Variant(nn.Module):
         whose causal mode lets an output depend on later inputs in some settings says so here."""
         return None
 
+    def unsupported_length(self, seq_len: int) -> str | None:
+        """Why this module cannot run on ``seq_len`` tokens, or None (it can). A variant whose configuration
+        restricts the length (a square grid, a divisibility) says so here, so tools need not try."""
+        return None
+
     # ---- examples -------------------------------------------------------------------------------------------
     @classmethod
     def example_module(cls, **overrides) -> Variant:
@@ -227,22 +236,19 @@ class Variant(nn.Module):
 
     def example(self, batch: int = 2, *, generator: torch.Generator | None = None) -> tuple:
         """Small valid positional inputs for ``forward`` (random, in the module's dtype and device)."""
-        like = self._example_like()
         C = self.config.dim
         if self.caps.layout == "image":
             grid = getattr(self.config, "grid", None) or (5, 6)
-            return (self._randn(batch, C, *grid, like=like, generator=generator),)
-        return (self._randn(batch, self.example_length(), C, like=like, generator=generator),)
+            return (self.example_randn(batch, C, *grid, generator=generator),)
+        return (self.example_randn(batch, self.example_length(), C, generator=generator),)
 
-    def _example_like(self) -> Tensor:
-        for t in self.parameters():
-            if t.is_floating_point():
-                return t
-        return torch.empty((), dtype=torch.get_default_dtype())
-
-    @staticmethod
-    def _randn(*shape: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randn(*shape, generator=generator, dtype=like.dtype).to(like.device)
+    def example_randn(self, *shape: int, generator: torch.Generator | None = None) -> Tensor:
+        """A standard normal tensor of ``shape`` in the dtype and on the device of the module's parameters
+        (for :meth:`example` overrides)."""
+        like = next((t for t in self.parameters() if t.is_floating_point()), None)
+        dtype = like.dtype if like is not None else torch.get_default_dtype()
+        out = torch.randn(*shape, generator=generator, dtype=dtype)
+        return out if like is None else out.to(like.device)
 
     def extra_repr(self) -> str:
         cfg, parts = self.config, []
@@ -322,19 +328,10 @@ class ProjectedAttention(Variant):
     def build(self, cfg) -> None:
         H, H_kv, D = cfg.heads, cfg.kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, H * D, bias=cfg.qkv_bias)
-        # k and v are initialised as one C -> 2 H_kv D projection (what nn.Linear draws for it), then split: the
-        # same initial weights, for a given seed, as the fused kv_proj of earlier versions
-        kv = nn.Linear(cfg.dim, 2 * H_kv * D, bias=cfg.qkv_bias)
-        self.k_proj = skip_init(nn.Linear, cfg.dim, H_kv * D, bias=cfg.qkv_bias)
-        self.v_proj = skip_init(nn.Linear, cfg.dim, H_kv * D, bias=cfg.qkv_bias)
-        with torch.no_grad():
-            for part, proj in zip((0, 1), (self.k_proj, self.v_proj)):
-                proj.weight.copy_(kv.weight.chunk(2)[part])
-                if cfg.qkv_bias:
-                    proj.bias.copy_(kv.bias.chunk(2)[part])
+        self.k_proj, self.v_proj = key_value_projections(cfg.dim, H_kv * D, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(H * D, cfg.dim, bias=cfg.out_bias)
         self.dropout = nn.Dropout(cfg.dropout)
-        self._register_load_state_dict_pre_hook(_split_kv_proj, with_module=True)
+        self._register_load_state_dict_pre_hook(split_kv_proj, with_module=True)
 
     # the sizes every attention step needs, read from the config
     @property
@@ -396,7 +393,22 @@ class ProjectedAttention(Variant):
         return self.attend(q, k, eye)  # (B, H, N, M)
 
 
-def _split_kv_proj(module, state_dict, prefix, *args) -> None:
+def key_value_projections(dim: int, features: int, *, bias: bool = True) -> tuple[nn.Linear, nn.Linear]:
+    """``k_proj`` and ``v_proj`` (``dim -> features`` each), initialised as ONE ``dim -> 2 features`` linear layer
+    split in two: for a given seed, the same initial weights as the fused ``kv_proj`` of earlier versions (and the
+    same random stream afterwards), so seeded results did not change when the projections were split."""
+    kv = nn.Linear(dim, 2 * features, bias=bias)
+    k_proj = skip_init(nn.Linear, dim, features, bias=bias)
+    v_proj = skip_init(nn.Linear, dim, features, bias=bias)
+    with torch.no_grad():
+        for part, proj in enumerate((k_proj, v_proj)):
+            proj.weight.copy_(kv.weight.chunk(2)[part])
+            if bias:
+                proj.bias.copy_(kv.bias.chunk(2)[part])
+    return k_proj, v_proj
+
+
+def split_kv_proj(module, state_dict, prefix, *args) -> None:
     """Load-state-dict pre-hook: map the keys of older checkpoints onto the split projections.
 
     ``kv_proj.weight`` / ``kv_proj.bias`` (rows ``[:H_kv D]`` the keys, the rest the values) become ``k_proj.*``

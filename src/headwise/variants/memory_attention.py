@@ -133,7 +133,7 @@ class MemoryAttention(Variant):
         (x,) = super().example(batch, generator=generator)
         if self.memory is not None:
             return (x,)
-        return x, self._randn(5, self.config.memory_dim, like=x, generator=generator)
+        return x, self.example_randn(5, self.config.memory_dim, generator=generator)
 
 
 def naive_memory_attention(m: MemoryAttention, x: Tensor, memory: Tensor | None = None) -> Tensor:

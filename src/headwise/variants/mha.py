@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from headwise import patterns
-from headwise.core.attention import attention
+from headwise.core.padding import key_masked_attention
 from headwise.variants.base import Capabilities, SoftmaxAttention
 from headwise.variants.registry import register
 
@@ -92,31 +92,8 @@ class MultiHeadAttention(SoftmaxAttention):
         if key_padding_mask is None:
             return self.finish(self.attend(q, k, v))  # (B, N, C)
         self._check_padding(key_padding_mask, x.shape[0], k.shape[2])
-        return self.finish(self._attend_padded(q, k, v, ~key_padding_mask))  # (B, N, C)
-
-    def _attend_padded(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> Tensor:
-        """Attention with keys restricted per batch element by ``keep`` ``[B, M]`` (True = a real key)."""
-        empty = ~keep.any(-1)  # (B,) elements whose every key is padding
-        if self.pattern is None and self.backend in ("auto", "sdpa"):
-            # full attention: one dense SDPA call with a [B, 1, 1, M] mask (all-padding elements attend to
-            # everything, so no NaN reaches the backward, and are zeroed afterwards)
-            mask = (keep | empty[:, None])[:, None, None, :]  # (B, 1, 1, M)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
-            return out.masked_fill(empty[:, None, None, None], 0.0)  # (B, H, N, D)
-        # otherwise one headwise.attention call per distinct padding mask, its keys restricted by KeyMask
-        masks, which = torch.unique(keep, dim=0, return_inverse=True)  # (U, M), (B,)
-        outs, order = [], []
-        for u, keep_u in enumerate(masks):
-            idx = (which == u).nonzero().squeeze(1)  # (B_u,)
-            pattern = self.pattern
-            if not bool(keep_u.all()):
-                key_mask = patterns.KeyMask(keep_u)
-                pattern = key_mask if pattern is None else pattern & key_mask
-            outs.append(attention(q[idx], k[idx], v[idx], pattern, backend=self.backend))  # (B_u, H, N, D)
-            order.append(idx)
-        if len(outs) == 1:
-            return outs[0]
-        return torch.cat(outs)[torch.argsort(torch.cat(order))]  # (B, H, N, D) in batch order
+        out = key_masked_attention(q, k, v, ~key_padding_mask, self.pattern, self.backend)  # (B, H, N, D)
+        return self.finish(out)  # (B, N, C)
 
     @staticmethod
     def _check_padding(key_padding_mask: Tensor, B: int, M: int) -> None:

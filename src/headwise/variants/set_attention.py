@@ -151,7 +151,7 @@ class SetAttention(Variant):
     def example(self, batch: int = 2, *, generator: torch.Generator | None = None) -> tuple:
         """Components ``[batch, 7, C]`` and a context of 5 data points ``[batch, 5, C]`` (both blocks run)."""
         (z,) = super().example(batch, generator=generator)
-        return z, self._randn(batch, 5, self.config.dim, like=z, generator=generator)
+        return z, self.example_randn(batch, 5, self.config.dim, generator=generator)
 
     @staticmethod
     def _check_positions(name: str, pos, tokens: Tensor) -> None:

@@ -3,7 +3,7 @@
 DiTCtrl (Cai et al., CVPR 2025; the mask-guided mutual self-attention of MasaCtrl, Cao et al., ICCV 2023) and the
 per-subject isolation of IR-Diffusion ("Isolation and Reposition Attention"): the target pass's queries read the
 keys and values of a reference pass, region by region. Each region is one softmax attention call
-(:func:`headwise.attention` with the module's pattern and a per-batch key mask, :func:`key_masked_attention`); the
+(:func:`headwise.attention` with the module's pattern and a per-batch key mask, :func:`headwise.core.padding.key_masked_attention`); the
 reference is :func:`naive_region_attention` (the per-query loop).
 """
 
@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headwise import patterns
-from headwise.core.attention import attention
+from headwise.core.padding import key_masked_attention
 from headwise.variants.base import Capabilities, SoftmaxAttention
 from headwise.variants.registry import register
 
-__all__ = ["SharedKVAttention", "key_masked_attention", "naive_region_attention"]
+__all__ = ["SharedKVAttention", "naive_region_attention"]
 
 
 @register("shared_kv")
@@ -102,37 +101,6 @@ class SharedKVAttention(SoftmaxAttention):
             own = self.attend(q, k_self, v_self)  # (B, H, N, D)
             out = torch.where(orphan[:, None, :, None], own, out)
         return self.finish(out)  # (B, N, C)
-
-
-def key_masked_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, pattern: patterns.Pattern | None = None,
-                         backend: str = "auto") -> Tensor:
-    """Softmax attention with the keys restricted per batch element: ``q`` ``[B, H, N, D]``, ``k, v``
-    ``[B, H_kv, M, D]``, ``keep`` ``[B, M]`` bool (True = a usable key), ``pattern`` on top -> ``[B, H, N, D]``.
-    An element with no usable key gives zeros.
-
-    Full attention (``pattern`` None) on the ``"auto"``/``"sdpa"`` backends is one dense SDPA call with a
-    ``[B, 1, 1, M]`` mask; otherwise one :func:`headwise.attention` call per distinct ``keep`` row, its keys
-    restricted by :class:`~headwise.patterns.KeyMask`. (The same computation as the key padding of
-    :class:`~headwise.variants.mha.MultiHeadAttention`.)"""
-    empty = ~keep.any(-1)  # (B,) elements with no usable key
-    if pattern is None and backend in ("auto", "sdpa"):
-        # all-masked elements attend to everything (so no NaN reaches the backward) and are zeroed afterwards
-        mask = (keep | empty[:, None])[:, None, None, :]  # (B, 1, 1, M)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
-        return out.masked_fill(empty[:, None, None, None], 0.0)  # (B, H, N, D)
-    masks, which = torch.unique(keep, dim=0, return_inverse=True)  # (U, M), (B,)
-    outs, order = [], []
-    for u, keep_u in enumerate(masks):
-        idx = (which == u).nonzero().squeeze(1)  # (B_u,)
-        p = pattern
-        if not bool(keep_u.all()):
-            key_mask = patterns.KeyMask(keep_u)
-            p = key_mask if p is None else p & key_mask
-        outs.append(attention(q[idx], k[idx], v[idx], p, backend=backend))  # (B_u, H, N, D)
-        order.append(idx)
-    if len(outs) == 1:
-        return outs[0]
-    return torch.cat(outs)[torch.argsort(torch.cat(order))]  # (B, H, N, D) in batch order
 
 
 def naive_region_attention(m: SharedKVAttention, x: Tensor, ref: Tensor, q_regions: Tensor,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from headwise.checks import check_positive_int
 from headwise.core.attention import attention
-from headwise.variants.base import Capabilities, Variant, check_backend
+from headwise.variants.base import Capabilities, Variant, check_backend, key_value_projections, split_kv_proj
 from headwise.variants.registry import register
 
 __all__ = ["WindowCrossAttention", "naive_window_cross_attention", "relative_position_index", "reliability_balance"]
@@ -97,19 +97,18 @@ class WindowCrossAttention(Variant):
 
     def build(self, cfg) -> None:
         w, C = cfg.window, cfg.dim
-        self.register_load_state_dict_pre_hook(_split_kv_proj)
+        self._register_load_state_dict_pre_hook(split_kv_proj, with_module=True)
         self.norm = nn.LayerNorm(C)
-        self.k_proj = nn.Linear(C, C)
-        self.v_proj = nn.Linear(C, C)
+        self.k_proj, self.v_proj = key_value_projections(C, C)  # the initial weights of the former fused kv_proj
         self.out_proj = nn.Linear(C, C)
         self.bias_table = nn.Parameter(torch.randn((2 * w - 1) ** 2, cfg.heads) * 0.02)  # ((2w-1)^2, H)
         self.register_buffer("relative_index", relative_position_index(w), persistent=False)  # (w*w, w*w)
 
     def example(self, batch: int = 2, *, generator: torch.Generator | None = None) -> tuple:
         """An image map ``[B, C, w, 2w]`` (two windows) and landmark queries ``[B, C, w, w]``."""
-        like, C, w = self._example_like(), self.config.dim, self.config.window
-        return (self._randn(batch, C, w, 2 * w, like=like, generator=generator),
-                self._randn(batch, C, w, w, like=like, generator=generator))
+        C, w = self.config.dim, self.config.window
+        return (self.example_randn(batch, C, w, 2 * w, generator=generator),
+                self.example_randn(batch, C, w, w, generator=generator))
 
     def forward(self, x: Tensor, queries: Tensor) -> Tensor:
         """Image features ``x`` ``[B, C, H, W]`` attended by landmark ``queries`` ``[B, C, w, w]`` in every window."""
@@ -139,15 +138,6 @@ class WindowCrossAttention(Variant):
         o = self.out_proj(o.transpose(1, 2).reshape(-1, L, C))  # (B*nW, L, C)
         o = o.view(B, nh, nw, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)  # (B, H, W, C)
         return o.permute(0, 3, 1, 2)  # (B, C, H, W)
-
-
-def _split_kv_proj(module, state_dict, prefix, *args) -> None:
-    """Load-state-dict pre-hook: checkpoints written before the split held one ``kv_proj`` (``C -> 2C``: rows
-    ``[:C]`` the keys, ``[C:]`` the values); map it onto ``k_proj`` and ``v_proj``."""
-    for part in ("weight", "bias"):
-        fused = state_dict.pop(prefix + f"kv_proj.{part}", None)
-        if fused is not None:
-            state_dict[prefix + f"k_proj.{part}"], state_dict[prefix + f"v_proj.{part}"] = fused.chunk(2)
 
 
 def naive_window_cross_attention(m: WindowCrossAttention, x: Tensor, queries: Tensor) -> Tensor:
