@@ -227,13 +227,13 @@ def gaam_importance(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     """GAAM's Importance Factor of every ``gaam`` module after a forward: ``{name: {"if": [N, C], "per_head":
     [H]}}`` (the module's min-max normalised mean density, and its mean over each head's ``C / H`` channels).
     Modules that have not run yet are skipped."""
-    from headwise.variants.gaussian import GaussianAdaptiveAttention
+    from headwise.variants.gaam import GaussianAdaptiveAttention
 
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, GaussianAdaptiveAttention) and m.importance_factor is not None:
             f = m.importance_factor.detach().cpu()  # (N, C)
-            out[name] = {"if": f, "per_head": f.unflatten(-1, (m.heads, -1)).mean((0, 2))}
+            out[name] = {"if": f, "per_head": f.unflatten(-1, (m.config.heads, -1)).mean((0, 2))}
     return out
 
 

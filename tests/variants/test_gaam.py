@@ -1,19 +1,15 @@
 """GAAM and its dot-product plug-in against the literal product of Gaussian densities (float64)."""
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import headwise
+from headwise.ops.gaussian import importance_factor, naive_gaussian_weights
 from headwise.patterns import Causal
-from headwise.variants.gaussian import (
+from headwise.variants.gaam import (
     GaussianAdaptiveAttention,
     GaussianDotProductAttention,
-    gaussian_weights,
-    importance_factor,
-    naive_gaussian_weights,
+    naive_gaam_attention,
 )
 from headwise.variants.mha import MultiHeadAttention
 
@@ -23,45 +19,6 @@ F64 = torch.float64
 def grads(out, wrt, seed=0):
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     return torch.autograd.grad((out * g).sum(), wrt)
-
-
-# (B, H, N, d, G): odd sizes, one Gaussian, one token / one feature
-WEIGHTS = {"B2-H3-N7-d5-G4": (2, 3, 7, 5, 4), "B1-H1-N63-d16-G1": (1, 1, 63, 16, 1), "B3-H2-N1-d9-G3": (3, 2, 1, 9, 3),
-           "B1-H4-N500-d6-G2": (1, 4, 500, 6, 2)}
-
-
-@pytest.mark.parametrize("axis", [-1, -2], ids=["features", "tokens"])
-@pytest.mark.parametrize("case", WEIGHTS, ids=list(WEIGHTS))
-def test_closed_form_matches_product_of_densities(case, axis):
-    B, H, N, d, G = WEIGHTS[case]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(B, H, N, d, dtype=F64, generator=gen, requires_grad=True)
-    delta = (0.5 * torch.randn(H, G, dtype=F64, generator=gen)).requires_grad_()
-    c = (torch.rand(H, G, dtype=F64, generator=gen) + 0.7).requires_grad_()
-    w, ref = gaussian_weights(x, delta, c, axis), naive_gaussian_weights(x, delta, c, axis)
-    if x.shape[axis] == 1:  # sigma^2 = eps: the literal product underflows to 0/0, the normalised weight is 1
-        assert torch.equal(w, torch.ones_like(w))
-        return
-    torch.testing.assert_close(w, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(w.sum(axis), torch.ones_like(w.sum(axis)), rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads(w, [x, delta, c]), grads(ref, [x, delta, c])):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-
-
-def test_closed_form_survives_where_the_product_underflows():
-    x = torch.randn(1, 1, 4, 64) * 4
-    delta, c = torch.zeros(1, 8), torch.full((1, 8), 0.3)
-    w = gaussian_weights(x, delta, c, -1)
-    assert torch.isfinite(w).all()
-    torch.testing.assert_close(w.sum(-1), torch.ones(1, 1, 4))
-    torch.testing.assert_close(w.double(), naive_gaussian_weights(x.double(), delta.double(), c.double(), -1),
-                               rtol=1e-4, atol=1e-6)
-
-
-def test_importance_factor_is_min_max_normalised():
-    da = torch.tensor([[0.2, 0.5], [0.3, 1.0]])
-    torch.testing.assert_close(importance_factor(da), (da - 0.2) / 0.8)
-    assert torch.equal(importance_factor(torch.full((3, 2), 0.7)), torch.zeros(3, 2))
 
 
 @pytest.mark.parametrize("axis", ["features", "tokens"])
@@ -83,25 +40,6 @@ def test_gaam_module_is_x_times_the_weights(axis):
     torch.testing.assert_close(m.density, density.detach())
     torch.testing.assert_close(m.importance_factor, importance_factor(density.detach()))
     assert m.importance_factor.min() == 0 and m.importance_factor.max() == 1
-
-
-def naive_gaam_attention(m, x):
-    """Projections, the literal Gaussian weights (times the axis length) on each target, materialized attention."""
-    B, N, _ = x.shape
-    H, H_kv, D = m.heads, m.kv_heads, m.head_dim
-    t = {"q": F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)}
-    kv = F.linear(x, m.kv_proj.weight, m.kv_proj.bias).view(B, N, 2, H_kv, D)
-    t["k"], t["v"] = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    dim = -1 if m.config.axis == "features" else -2
-    for name, g in m.gaussians.items():
-        t[name] = t[name] * naive_gaussian_weights(t[name], g.mean_offsets, g.scales, dim) * t[name].shape[dim]
-    k = t["k"].repeat_interleave(H // H_kv, 1)
-    v = t["v"].repeat_interleave(H // H_kv, 1)
-    s = t["q"] @ k.transpose(-1, -2) / math.sqrt(D)
-    if m.pattern is not None:
-        s = s.masked_fill(~m.pattern.dense_mask(N, N)[None], -math.inf)
-    o = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, N, H * D)
-    return F.linear(o, m.out_proj.weight, m.out_proj.bias)
 
 
 @pytest.mark.parametrize("targets, axis, kv_heads, pattern", [
@@ -131,6 +69,22 @@ def test_flat_gaussians_give_plain_attention():
     mha.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("gaussians.")})
     x = torch.randn(2, 21, 32, dtype=F64)
     torch.testing.assert_close(m(x), mha(x), rtol=1e-9, atol=1e-9)
+
+
+def test_causality_follows_the_axis():
+    """Per-token normalisation is causal (gaam always, gaam_attention with causal=True); over the tokens it is not."""
+    assert GaussianAdaptiveAttention(16, 2).caps.causal == "always"
+    assert GaussianAdaptiveAttention(16, 2, axis="tokens").caps.causal == "none"
+    assert GaussianDotProductAttention(16, 2).caps.causal == "optional"
+    assert GaussianDotProductAttention(16, 2, axis="tokens").caps.causal == "none"
+    with pytest.raises(ValueError, match="axis='tokens' normalises over the whole sequence"):
+        GaussianDotProductAttention(16, 2, axis="tokens", causal=True)
+    torch.manual_seed(0)
+    m = GaussianAdaptiveAttention(16, 2, axis="tokens").to(F64)
+    x = torch.randn(1, 9, 16, dtype=F64)
+    x2 = x.clone()
+    x2[:, 5:] += 1.0
+    assert (m(x2)[:, :5] - m(x)[:, :5]).abs().max() > 1e-6  # earlier outputs see later tokens
 
 
 CONTRACT = {"gaam": ("gaam", 33), "gaam-tokens": ("gaam(axis='tokens', gaussians=2)", 33),
