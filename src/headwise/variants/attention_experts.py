@@ -1,8 +1,10 @@
-"""Attention heads as routed experts: BAM's soft mixture of attention experts (``"attention_experts"``, with
-:func:`upcycle_attention`) and Union-of-Experts' Selective Multi-Head Attention (``"selective"``).
+"""BAM's soft mixture of attention experts (registered as ``"attention_experts"``).
 
-Both modules own their projections and call :func:`headwise.attention` for every softmax attention; each has a
-readable ``naive_*`` reference (materialized scores, explicit loops) that the tests hold the fast path to.
+Zhang et al., NeurIPS 2024, "BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of
+Experts": ``E`` full multi-head attention layers (the experts) mixed per token by a softmax router, built from
+trained dense layers by :func:`upcycle_attention`. All experts' heads run as one :func:`headwise.attention` call;
+:func:`naive_attention_experts` (one plain attention per expert, materialized scores) is the reference.
+:func:`top_k_gates` (keep each row's ``k`` largest probabilities) is shared with ``"selective"``.
 """
 
 from __future__ import annotations
@@ -15,31 +17,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from headwise import patterns
-from headwise.core.attention import BACKENDS, attention
+from headwise.checks import check_bool, check_positive_int, check_tokens, resolve_head_dim
+from headwise.core.attention import attention
 from headwise.core.reference import naive_attention
-from headwise.patterns import Causal, Pattern
-from headwise.checks import check_bool, check_positive_int
-from headwise.variants.registry import register
+from headwise.patterns import Causal, Pattern, from_spec
+from headwise.variants.base import Capabilities, Variant, check_backend, resolve_pattern
 from headwise.variants.mha import MultiHeadAttention
+from headwise.variants.registry import register
 
-__all__ = [
-    "top_k_gates",
-    "AttentionExperts",
-    "upcycle_attention",
-    "naive_attention_experts",
-    "SelectiveAttention",
-    "naive_selective_attention",
-]
+__all__ = ["AttentionExperts", "upcycle_attention", "naive_attention_experts", "top_k_gates"]
 
 
+def top_k_gates(probs: Tensor, k: int) -> Tensor:
+    """Keep each row's ``k`` largest probabilities (last axis), renormalized to sum to ``k``; zeros elsewhere.
 
+    ``probs`` ``[..., E]`` -> ``[..., E]``: exactly ``k`` non-zero entries per row (for positive ``probs``), so a
+    uniform router gives weight 1 to each selected expert. Ties break by index (``torch.topk``).
 
-
-def _check_topk(name: str, value, upper_name: str, upper: int) -> None:
-    check_positive_int(name, value)
-    if value > upper:
-        raise ValueError(f"{name} must be at most {upper_name}={upper}, got {name}={value}")
+    Example:
+        >>> import torch
+        >>> top_k_gates(torch.tensor([[0.1, 0.4, 0.2, 0.3]]), 2)
+        tensor([[0.0000, 1.1429, 0.0000, 0.8571]])
+    """
+    idx = probs.topk(k, dim=-1).indices  # (..., k)
+    kept = torch.zeros_like(probs).scatter(-1, idx, probs.gather(-1, idx))  # (..., E)
+    return kept * (k / kept.sum(-1, keepdim=True))
 
 
 def _linear_init_(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
@@ -50,24 +52,8 @@ def _linear_init_(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
-def top_k_gates(probs: Tensor, k: int) -> Tensor:
-    """Keep each row's ``k`` largest probabilities (last axis), renormalized to sum to ``k``; zeros elsewhere.
-
-    ``probs`` ``[..., E]`` -> ``[..., E]``: exactly ``k`` non-zero entries per row (for positive ``probs``), so a
-    uniform router gives weight 1 to each selected expert. Ties break by index (``torch.topk``).
-    """
-    idx = probs.topk(k, dim=-1).indices  # (..., k)
-    kept = torch.zeros_like(probs).scatter(-1, idx, probs.gather(-1, idx))  # (..., E)
-    return kept * (k / kept.sum(-1, keepdim=True))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# BAM: soft mixture of attention experts
-# ---------------------------------------------------------------------------------------------------------
-
-
 @register("attention_experts")
-class AttentionExperts(nn.Module):
+class AttentionExperts(Variant):
     r"""Soft mixture of attention experts, from "BAM! Just Like That: Simple and Efficient Parameter Upcycling for
     Mixture of Experts" (Zhang et al., NeurIPS 2024), the attention half of Branch-Attend-Mix.
 
@@ -92,7 +78,14 @@ class AttentionExperts(nn.Module):
     copies of head ``h`` read key/value head ``h``). The mixture weights are applied to the per-head outputs
     before one fused output projection ``[B, N, E*H*D] -> [B, N, C]``.
 
-    Args:
+    Parameters (expert ``e``'s weights are slice ``e``, laid out as :class:`torch.nn.Linear`'s
+    ``(out_features, in_features)``): ``router`` (``C -> E``, no bias), ``q_weight`` ``[E, H*D, C]``,
+    ``k_weight`` and ``v_weight`` ``[E, H*D, C]`` (``[H*D, C]`` with ``share_kv``), ``out_weight``
+    ``[E, C, H*D]`` and the biases ``q_bias``, ``k_bias``, ``v_bias`` ``[E, H*D]`` (``[H*D]`` shared) and
+    ``out_bias`` ``[E, C]``. Checkpoints with the former fused ``kv_weight`` / ``kv_bias`` (rows ``[:H*D]`` the
+    keys) still load.
+
+    Args (the fields of :class:`AttentionExperts.Config`):
         dim: model width ``C``.
         heads: heads per expert ``H``.
         experts: number of attention experts ``E`` (default 4).
@@ -100,7 +93,9 @@ class AttentionExperts(nn.Module):
         share_kv: share the key and value projections across experts (default False).
         topk: ``None`` (default) for BAM's soft routing over all experts; an int keeps each token's ``topk``
             largest router probabilities, renormalized to sum to 1 (every expert is still computed).
-        pattern: a :class:`headwise.patterns.Pattern` or spec string restricting attention; default full.
+        pattern: a :class:`headwise.patterns.Pattern` or spec string restricting attention, shared by all heads;
+            default full.
+        causal: query ``i`` attends keys ``j <= i`` only, intersected with ``pattern`` (default False).
         qkv_bias: bias in the q, k, v projections (default True).
         out_bias: bias in the output projections (default True).
         backend: :func:`headwise.attention` backend (default ``"auto"``).
@@ -118,6 +113,9 @@ class AttentionExperts(nn.Module):
         torch.Size([2, 100, 256])
     """
 
+    capabilities = Capabilities(causal="optional")
+    example_config = {"dim": 16, "heads": 2, "experts": 3, "topk": 2}
+
     @dataclass
     class Config:
         dim: int  # model width C of the input x [B, N, C] and of the output
@@ -126,7 +124,8 @@ class AttentionExperts(nn.Module):
         head_dim: int | None = None  # per-head width D; None: dim // heads
         share_kv: bool = False  # one key/value projection shared by all experts (BAM's KV sharing)
         topk: int | None = None  # None: soft routing over all experts (BAM); k: keep each token's k largest gates
-        pattern: Pattern | str | None = None  # allowed (query, key) pairs: a Pattern or spec string; None: all
+        pattern: Pattern | str | None = None  # allowed (query, key) pairs, shared by all heads; None: all
+        causal: bool = False  # query i sees keys j <= i only (intersected with pattern)
         qkv_bias: bool = True  # bias in the q, k, v projections
         out_bias: bool = True  # bias in the output projections
         backend: str = "auto"  # headwise.attention backend
@@ -135,73 +134,59 @@ class AttentionExperts(nn.Module):
             check_positive_int("dim", self.dim)
             check_positive_int("heads", self.heads)
             check_positive_int("experts", self.experts)
-            if self.head_dim is None:
-                if self.dim % self.heads:
-                    raise ValueError(f"dim must be divisible by heads when head_dim is None, got dim={self.dim} "
-                                     f"heads={self.heads}; pass head_dim= to choose the head width")
-                self.head_dim = self.dim // self.heads
-            check_positive_int("head_dim", self.head_dim)
-            for name in ("share_kv", "qkv_bias", "out_bias"):
+            self.head_dim = resolve_head_dim(self.dim, self.heads, self.head_dim)
+            for name in ("share_kv", "causal", "qkv_bias", "out_bias"):
                 check_bool(name, getattr(self, name))
             if self.topk is not None:
-                _check_topk("topk", self.topk, "experts", self.experts)
+                check_positive_int("topk", self.topk)
+                if self.topk > self.experts:
+                    raise ValueError(f"topk must be at most experts={self.experts}, got topk={self.topk}")
             if isinstance(self.pattern, str):
-                self.pattern = patterns.from_spec(self.pattern)
-            if self.pattern is not None and not isinstance(self.pattern, Pattern):
-                raise TypeError(f"pattern must be a headwise Pattern, a pattern spec string or None, "
-                                f"got pattern={self.pattern!r} ({type(self.pattern).__name__})")
-            if self.pattern is not None and self.pattern.heads is not None:
+                self.pattern = from_spec(self.pattern)
+            if isinstance(self.pattern, Pattern) and self.pattern.heads is not None:
                 raise ValueError(f"attention_experts takes a pattern shared by all heads, got one with "
                                  f"{self.pattern.heads} heads ({self.pattern!r})")
-            if self.backend != "auto" and self.backend not in BACKENDS:
-                raise ValueError(f"unknown backend={self.backend!r}; valid: 'auto', " + ", ".join(map(repr, BACKENDS)))
+            self.pattern = resolve_pattern(self.pattern)
+            check_backend(self.backend)
 
-    _check_tokens = MultiHeadAttention._check_tokens  # the same [B, N, C] input check as MHA
-
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        *,
-        experts: int = 4,
-        head_dim: int | None = None,
-        share_kv: bool = False,
-        topk: int | None = None,
-        pattern: Pattern | str | None = None,
-        qkv_bias: bool = True,
-        out_bias: bool = True,
-        backend: str = "auto",
-    ):
-        super().__init__()
-        self.config = cfg = self.Config(
-            dim=dim, heads=heads, experts=experts, head_dim=head_dim, share_kv=share_kv, topk=topk,
-            pattern=pattern, qkv_bias=qkv_bias, out_bias=out_bias, backend=backend,
-        )
-        self.dim, self.heads, self.experts, self.head_dim = cfg.dim, cfg.heads, cfg.experts, cfg.head_dim
+    def build(self, cfg) -> None:
         C, E, HD = cfg.dim, cfg.experts, cfg.heads * cfg.head_dim
+        pattern = cfg.pattern
+        if cfg.causal and not isinstance(pattern, Causal):
+            pattern = Causal() if pattern is None else pattern & Causal()
+        self.pattern = pattern  # the pattern every call applies (config pattern and causality)
         self.router = nn.Linear(C, E, bias=False)
         # expert e's weights are slice e, laid out as torch.nn.Linear's (out_features, in_features)
+        kv_rows = () if cfg.share_kv else (E,)
         self.q_weight = nn.Parameter(torch.empty(E, HD, C))  # W^Q_e
-        self.q_bias = nn.Parameter(torch.empty(E, HD)) if cfg.qkv_bias else None
-        kv_shape = (2 * HD, C) if cfg.share_kv else (E, 2 * HD, C)  # rows [:HD] are W^K, the rest W^V
-        self.kv_weight = nn.Parameter(torch.empty(kv_shape))
-        self.kv_bias = nn.Parameter(torch.empty(kv_shape[:-1])) if cfg.qkv_bias else None
+        self.k_weight = nn.Parameter(torch.empty(*kv_rows, HD, C))  # W^K_e, or the shared W^K
+        self.v_weight = nn.Parameter(torch.empty(*kv_rows, HD, C))  # W^V_e, or the shared W^V
         self.out_weight = nn.Parameter(torch.empty(E, C, HD))  # W^O_e
+        if cfg.qkv_bias:
+            self.q_bias = nn.Parameter(torch.empty(E, HD))
+            self.k_bias = nn.Parameter(torch.empty(*kv_rows, HD))
+            self.v_bias = nn.Parameter(torch.empty(*kv_rows, HD))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
         self.out_bias = nn.Parameter(torch.empty(E, C)) if cfg.out_bias else None
         self.reset_parameters()
+        self._register_load_state_dict_pre_hook(_split_kv_weight, with_module=True)
 
     def reset_parameters(self) -> None:
         """``torch.nn.Linear``'s default initialisation for each expert's projections and the router."""
-        C, HD = self.dim, self.heads * self.head_dim
+        cfg = self.config
+        C, HD = cfg.dim, cfg.heads * cfg.head_dim
         self.router.reset_parameters()
         with torch.no_grad():
-            for e in range(self.experts):
+            for e in range(cfg.experts):
                 _linear_init_(self.q_weight[e], None if self.q_bias is None else self.q_bias[e], C)
                 _linear_init_(self.out_weight[e], None if self.out_bias is None else self.out_bias[e], HD)
-                if not self.config.share_kv:
-                    _linear_init_(self.kv_weight[e], None if self.kv_bias is None else self.kv_bias[e], C)
-            if self.config.share_kv:
-                _linear_init_(self.kv_weight, self.kv_bias, C)
+                if not cfg.share_kv:
+                    for w, b in ((self.k_weight, self.k_bias), (self.v_weight, self.v_bias)):
+                        _linear_init_(w[e], None if b is None else b[e], C)
+            if cfg.share_kv:
+                _linear_init_(self.k_weight, self.k_bias, C)
+                _linear_init_(self.v_weight, self.v_bias, C)
 
     def route(self, x: Tensor) -> Tensor:
         """Mixture weights ``[B, N, E]``: softmax of the router; with ``topk``, the top-k renormalized to sum to 1."""
@@ -210,24 +195,29 @@ class AttentionExperts(nn.Module):
             return probs
         return top_k_gates(probs, self.config.topk) / self.config.topk
 
+    def expert_projection(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Every expert's heads of one projection: ``x`` ``[B, N, C]`` and ``weight`` ``[E, H*D, C]`` ->
+        ``[B, H*E, N, D]`` (head ``h`` of expert ``e`` at index ``h * E + e``); a shared ``weight`` ``[H*D, C]``
+        gives ``[B, H, N, D]``."""
+        B, N, C = x.shape
+        H, D = self.config.heads, self.config.head_dim
+        if weight.dim() == 2:  # shared by the experts
+            return F.linear(x, weight, bias).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
+        E = weight.shape[0]
+        t = F.linear(x, weight.reshape(E * H * D, C), None if bias is None else bias.reshape(-1))  # (B, N, E*H*D)
+        return t.view(B, N, E, H, D).permute(0, 3, 2, 1, 4).reshape(B, H * E, N, D)  # (B, H*E, N, D)
+
     def forward(self, x: Tensor) -> Tensor:
         """Mix the experts' attention over ``x`` ``[B, N, C]``; returns ``[B, N, C]``."""
-        self._check_tokens("x", x)
+        cfg = self.config
+        check_tokens("x", x, cfg.dim)
         B, N, C = x.shape
-        E, H, D = self.experts, self.heads, self.head_dim
+        E, H, D = cfg.experts, cfg.heads, cfg.head_dim
         gates = self.route(x)  # (B, N, E)
-        q_b = None if self.q_bias is None else self.q_bias.reshape(-1)
-        q = F.linear(x, self.q_weight.reshape(E * H * D, C), q_b)  # (B, N, E*H*D)
-        q = q.view(B, N, E, H, D).permute(0, 3, 2, 1, 4).reshape(B, H * E, N, D)  # (B, H*E, N, D)
-        if self.config.share_kv:
-            kv = F.linear(x, self.kv_weight, self.kv_bias)  # (B, N, 2*H*D)
-            k, v = kv.view(B, N, 2, H, D).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, D)
-        else:
-            kv_b = None if self.kv_bias is None else self.kv_bias.reshape(-1)
-            kv = F.linear(x, self.kv_weight.reshape(E * 2 * H * D, C), kv_b)  # (B, N, E*2*H*D)
-            kv = kv.view(B, N, E, 2, H, D).permute(3, 0, 4, 2, 1, 5)  # (2, B, H, E, N, D)
-            k, v = kv.reshape(2, B, H * E, N, D)  # 2 x (B, H*E, N, D)
-        o = attention(q, k, v, self.config.pattern, backend=self.config.backend)  # (B, H*E, N, D)
+        q = self.expert_projection(x, self.q_weight, self.q_bias)  # (B, H*E, N, D)
+        k = self.expert_projection(x, self.k_weight, self.k_bias)  # (B, H*E or H, N, D)
+        v = self.expert_projection(x, self.v_weight, self.v_bias)  # (B, H*E or H, N, D)
+        o = attention(q, k, v, self.pattern, backend=cfg.backend)  # (B, H*E, N, D)
         o = o.view(B, H, E, N, D) * gates.permute(0, 2, 1)[:, None, :, :, None]  # (B, H, E, N, D) weighted
         o = o.permute(0, 3, 2, 1, 4).reshape(B, N, E * H * D)  # (B, N, E*H*D), expert-major columns
         w_out = self.out_weight.permute(1, 0, 2).reshape(C, E * H * D)  # (C, E*H*D) = [W^O_1 ... W^O_E]
@@ -236,25 +226,36 @@ class AttentionExperts(nn.Module):
             y = y + gates @ self.out_bias  # (B, N, C): sum_e g_e b^O_e
         return y
 
-    def extra_repr(self) -> str:
-        c = self.config
-        return (f"dim={c.dim}, heads={c.heads}, experts={c.experts}, head_dim={c.head_dim}, "
-                f"share_kv={c.share_kv}, topk={c.topk}, pattern={c.pattern!r}")
+
+def _split_kv_weight(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: the former fused ``kv_weight`` ``[(E,) 2*H*D, C]`` and ``kv_bias``
+    ``[(E,) 2*H*D]`` (rows ``[:H*D]`` the keys, the rest the values) become ``k_*`` and ``v_*``."""
+    for old, new, dim in (("kv_weight", "weight", -2), ("kv_bias", "bias", -1)):
+        fused = state_dict.pop(prefix + old, None)
+        if fused is not None:
+            state_dict[prefix + f"k_{new}"], state_dict[prefix + f"v_{new}"] = fused.chunk(2, dim=dim)
 
 
 def naive_attention_experts(module: AttentionExperts, x: Tensor) -> Tensor:
     """Reference for :class:`AttentionExperts`: one plain multi-head attention per expert (materialized scores,
     :func:`headwise.core.naive_attention`), then the router-weighted sum. ``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
-    B, N, C = x.shape
-    H, D = module.heads, module.head_dim
+    cfg = module.config
+    B, N, _ = x.shape
+    H, D = cfg.heads, cfg.head_dim
     gates = module.route(x)  # (B, N, E)
     y = torch.zeros_like(x)  # (B, N, C)
-    for e in range(module.experts):
-        kv_w = module.kv_weight if module.config.share_kv else module.kv_weight[e]  # (2*H*D, C)
-        kv_b = None if module.kv_bias is None else (module.kv_bias if module.config.share_kv else module.kv_bias[e])
-        q = F.linear(x, module.q_weight[e], None if module.q_bias is None else module.q_bias[e])  # (B, N, H*D)
-        k, v = F.linear(x, kv_w, kv_b).view(B, N, 2, H, D).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, D)
-        o, _ = naive_attention(q.view(B, N, H, D).transpose(1, 2), k, v, module.config.pattern)  # (B, H, N, D)
+
+    def heads(w, b):  # (B, N, C) -> (B, H, N, D)
+        return F.linear(x, w, b).view(B, N, H, D).transpose(1, 2)
+
+    def kv_slice(p, e):  # expert e's key/value weight or bias (the shared one with share_kv)
+        return None if p is None else (p if cfg.share_kv else p[e])
+
+    for e in range(cfg.experts):
+        q = heads(module.q_weight[e], None if module.q_bias is None else module.q_bias[e])  # (B, H, N, D)
+        k = heads(kv_slice(module.k_weight, e), kv_slice(module.k_bias, e))  # (B, H, N, D)
+        v = heads(kv_slice(module.v_weight, e), kv_slice(module.v_bias, e))  # (B, H, N, D)
+        o, _ = naive_attention(q, k, v, module.pattern)  # (B, H, N, D)
         out_b = None if module.out_bias is None else module.out_bias[e]
         y_e = F.linear(o.transpose(1, 2).reshape(B, N, H * D), module.out_weight[e], out_b)  # (B, N, C)
         y = y + gates[..., e : e + 1] * y_e
@@ -267,18 +268,19 @@ def upcycle_attention(
     """BAM's attention upcycling: one :class:`AttentionExperts` whose expert ``e`` is the trained dense layer
     ``layers[e]``.
 
-    Each expert's ``W^Q, W^K, W^V, W^O`` (and biases) are copied from its dense layer; with ``share_kv=True`` the
-    shared ``W^K, W^V`` are the average of the layers' (BAM merges every non-expert parameter by averaging). The
-    router is freshly initialised (as in BAM), so the result must be trained further; with one layer it computes
-    exactly what that layer computes. The layers must be :class:`~headwise.variants.mha.MultiHeadAttention`
-    modules (``"mha"``) with equal width, heads, head width, biases, pattern and backend; the result has their
-    dtype and device.
+    Each expert's ``W^Q, W^K, W^V, W^O`` (and biases) are copied from its dense layer (``q_proj``, ``k_proj``,
+    ``v_proj``, ``out_proj``); with ``share_kv=True`` the shared ``W^K, W^V`` are the average of the layers'
+    (BAM merges every non-expert parameter by averaging). The router is freshly initialised (as in BAM), so the
+    result must be trained further; with one layer it computes exactly what that layer computes (in ``eval()``
+    mode: the layers' output dropout is not carried over). The layers must be
+    :class:`~headwise.variants.mha.MultiHeadAttention` modules (``"mha"``) with equal width, heads, head width,
+    biases, pattern, causal mode and backend; the result has their dtype and device.
 
     Example:
         >>> import torch, headwise
         >>> dense = [headwise.create("mha", dim=128, heads=4) for _ in range(3)]   # e.g. three domain experts
-        >>> moa = headwise.variants.experts.upcycle_attention(dense, share_kv=True)
-        >>> moa.experts, moa(torch.randn(1, 10, 128)).shape
+        >>> moa = headwise.variants.attention_experts.upcycle_attention(dense, share_kv=True)
+        >>> moa.config.experts, moa(torch.randn(1, 10, 128)).shape
         (3, torch.Size([1, 10, 128]))
     """
     layers = list(layers)
@@ -293,219 +295,28 @@ def upcycle_attention(
     ref = layers[0].config
 
     def signature(c):
-        return (c.dim, c.heads, c.head_dim, c.qkv_bias, c.out_bias, repr(c.pattern), c.backend)
+        return (c.dim, c.heads, c.head_dim, c.qkv_bias, c.out_bias, repr(c.pattern), c.causal, c.backend)
 
     for i, m in enumerate(layers[1:], start=1):
         if signature(m.config) != signature(ref):
             raise ValueError(f"layers[{i}] does not match layers[0]: (dim, heads, head_dim, qkv_bias, out_bias, "
-                             f"pattern, backend) = {signature(m.config)} vs {signature(ref)}")
+                             f"pattern, causal, backend) = {signature(m.config)} vs {signature(ref)}")
     first = layers[0].q_proj.weight
     moa = AttentionExperts(
         ref.dim, ref.heads, experts=len(layers), head_dim=ref.head_dim, share_kv=share_kv, topk=topk,
-        pattern=ref.pattern, qkv_bias=ref.qkv_bias, out_bias=ref.out_bias, backend=ref.backend,
+        pattern=ref.pattern, causal=ref.causal, qkv_bias=ref.qkv_bias, out_bias=ref.out_bias, backend=ref.backend,
     ).to(device=first.device, dtype=first.dtype)
+    pairs = [(moa.q_weight, moa.q_bias, "q_proj"), (moa.out_weight, moa.out_bias, "out_proj")]
+    shared = [(moa.k_weight, moa.k_bias, "k_proj"), (moa.v_weight, moa.v_bias, "v_proj")]
     with torch.no_grad():
-        for e, m in enumerate(layers):
-            moa.q_weight[e].copy_(m.q_proj.weight)
-            moa.out_weight[e].copy_(m.out_proj.weight)
-            if moa.q_bias is not None:
-                moa.q_bias[e].copy_(m.q_proj.bias)
-            if moa.out_bias is not None:
-                moa.out_bias[e].copy_(m.out_proj.bias)
-            if not share_kv:
-                moa.kv_weight[e].copy_(m.kv_proj.weight)
-                if moa.kv_bias is not None:
-                    moa.kv_bias[e].copy_(m.kv_proj.bias)
+        for weight, bias, name in pairs + ([] if share_kv else shared):
+            for e, m in enumerate(layers):
+                weight[e].copy_(getattr(m, name).weight)
+                if bias is not None:
+                    bias[e].copy_(getattr(m, name).bias)
         if share_kv:
-            moa.kv_weight.copy_(torch.stack([m.kv_proj.weight for m in layers]).mean(0))
-            if moa.kv_bias is not None:
-                moa.kv_bias.copy_(torch.stack([m.kv_proj.bias for m in layers]).mean(0))
+            for weight, bias, name in shared:
+                weight.copy_(torch.stack([getattr(m, name).weight for m in layers]).mean(0))
+                if bias is not None:
+                    bias.copy_(torch.stack([getattr(m, name).bias for m in layers]).mean(0))
     return moa
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Union of Experts: Selective Multi-Head Attention
-# ---------------------------------------------------------------------------------------------------------
-
-
-@register("selective")
-class SelectiveAttention(nn.Module):
-    r"""Selective Multi-Head Attention (SMHA) from "Union of Experts: Adapting Hierarchical Routing to
-    Equivalently Decomposed Transformer" (Yang et al., 2025): the heads of one multi-head attention layer are
-    the experts, and two routers decide which head processes which data.
-
-    * Expert selection (per sequence): ``G = softmax(W_e \bar{x})`` over the ``H`` heads from the mean token
-      ``\bar{x}``; the ``expert_topk`` largest are kept, renormalized to sum to ``expert_topk``, the other heads
-      are not computed for that sequence.
-    * Patch-wise data selection (per token): ``g_n = softmax(W_d x_n)`` over the heads; each token keeps its
-      ``topk`` largest, renormalized to sum to ``topk``. Head ``h`` then runs softmax attention among *only* the
-      tokens ``S_h = {n : g_{n,h} > 0}`` that selected it (queries and keys both; ``causal`` keeps the original
-      order).
-
-    .. math::
-
-        y_n = \sum_{h:\, n \in S_h} G_h\, g_{n,h}\; \mathrm{softmax}_{j \in S_h}\!\big(q^h_n \cdot k^h_j / \sqrt{D}\big)
-        \, V^h_{S_h} \, W^O_h \; + b^O
-
-    Shapes: ``x`` ``[B, N, C]`` -> ``[B, N, C]``; q, k, v ``[B, H, N, D]``; head ``h`` of sequence ``b``
-    attends over the gathered ``[1, 1, |S_h|, D]`` (one :func:`headwise.attention` call per active (sequence,
-    head)), so its cost falls with ``|S_h|^2``: with ``topk = H / 2`` about a quarter of MHA's attention FLOPs.
-
-    Args:
-        dim: model width ``C``.
-        heads: number of heads (experts) ``H``.
-        head_dim: per-head width ``D``; default ``dim // heads``.
-        topk: heads each token selects; default ``heads // 2`` (UoE's gate), at least 1.
-        expert_topk: heads each sequence selects; default ``heads`` (every head).
-        causal: causal attention inside each head's selected tokens (default False).
-        qkv_bias: bias in the q, k, v projections (default True).
-        out_bias: bias in the output projection (default True).
-
-    Choices made here (the paper and its code leave them open): the gate values weight the head outputs, which
-    trains the routers (UoE's public code uses the gates only to select); selected gates are renormalized to sum
-    to ``k`` rather than UoE's capacity factor, so a uniform router with ``topk = expert_topk = heads`` is
-    exactly MHA; tokens are the "patches" (UoE: patch size = one embedding); the expert-selection router pools
-    the whole sequence, which would leak future tokens into a causal model, so with ``causal=True`` it pools the
-    prefix instead: token ``n``'s head gates come from the mean of ``x_1 .. x_n``, and head ``h`` keeps token
-    ``n`` only if both routers selected ``h`` for it (tested: outputs before ``t`` do not depend on tokens at or
-    after ``t``). No load-balancing loss.
-
-    Example:
-        >>> import torch, headwise
-        >>> m = headwise.create("selective(topk=4)", dim=256, heads=8)
-        >>> m(torch.randn(2, 100, 256)).shape
-        torch.Size([2, 100, 256])
-    """
-
-    @dataclass
-    class Config:
-        dim: int  # model width C of the input x [B, N, C] and of the output
-        heads: int  # number of heads H, each one an expert
-        head_dim: int | None = None  # per-head width D; None: dim // heads
-        topk: int | None = None  # heads each token selects (patch-wise data selection); None: max(1, heads // 2)
-        expert_topk: int | None = None  # heads each sequence selects (expert selection); None: heads
-        causal: bool = False  # causal attention among each head's selected tokens
-        qkv_bias: bool = True  # bias in the q, k, v projections
-        out_bias: bool = True  # bias in the output projection
-
-        def __post_init__(self):
-            check_positive_int("dim", self.dim)
-            check_positive_int("heads", self.heads)
-            if self.head_dim is None:
-                if self.dim % self.heads:
-                    raise ValueError(f"dim must be divisible by heads when head_dim is None, got dim={self.dim} "
-                                     f"heads={self.heads}; pass head_dim= to choose the head width")
-                self.head_dim = self.dim // self.heads
-            check_positive_int("head_dim", self.head_dim)
-            if self.topk is None:
-                self.topk = max(1, self.heads // 2)
-            _check_topk("topk", self.topk, "heads", self.heads)
-            if self.expert_topk is None:
-                self.expert_topk = self.heads
-            _check_topk("expert_topk", self.expert_topk, "heads", self.heads)
-            for name in ("causal", "qkv_bias", "out_bias"):
-                check_bool(name, getattr(self, name))
-
-    _check_tokens = MultiHeadAttention._check_tokens  # the same [B, N, C] input check as MHA
-
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        *,
-        head_dim: int | None = None,
-        topk: int | None = None,
-        expert_topk: int | None = None,
-        causal: bool = False,
-        qkv_bias: bool = True,
-        out_bias: bool = True,
-    ):
-        super().__init__()
-        self.config = cfg = self.Config(
-            dim=dim, heads=heads, head_dim=head_dim, topk=topk, expert_topk=expert_topk, causal=causal,
-            qkv_bias=qkv_bias, out_bias=out_bias,
-        )
-        self.dim, self.heads, self.head_dim = cfg.dim, cfg.heads, cfg.head_dim
-        HD = cfg.heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, HD, bias=cfg.qkv_bias)  # same layout as MultiHeadAttention
-        self.kv_proj = nn.Linear(cfg.dim, 2 * HD, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(HD, cfg.dim, bias=cfg.out_bias)
-        self.token_router = nn.Linear(cfg.dim, cfg.heads)  # W_d: patch-wise data selection
-        self.expert_router = nn.Linear(cfg.dim, cfg.heads)  # W_e: expert selection per sequence
-
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(token_gates [B, N, H], head_gates)``: exactly ``topk`` (``expert_topk``) non-zero gates per token
-        (sequence), each row summing to ``topk`` (``expert_topk``). ``head_gates`` is ``[B, H]`` (one per sequence)
-        or, with ``causal=True``, ``[B, N, H]`` (one per prefix)."""
-        g = top_k_gates(torch.softmax(self.token_router(x), dim=-1), self.config.topk)  # (B, N, H)
-        if self.config.causal:  # prefix means: no future token reaches a gate
-            count = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[:, None]  # (N, 1)
-            pooled = x.cumsum(1) / count  # (B, N, C)
-        else:
-            pooled = x.mean(1)  # (B, C)
-        G = top_k_gates(torch.softmax(self.expert_router(pooled), dim=-1), self.config.expert_topk)  # (B, [N,] H)
-        return g, G
-
-    @staticmethod
-    def _weights(g: Tensor, G: Tensor) -> Tensor:
-        """``G_h g_{n,h}`` ``[B, N, H]``: zero where the token or its sequence / prefix did not select the head."""
-        return g * (G if G.dim() == 3 else G[:, None, :])
-
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        B, N, _ = x.shape
-        H, D = self.heads, self.head_dim
-        q = self.q_proj(x).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
-        k, v = self.kv_proj(x).view(B, N, 2, H, D).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, D)
-        return q, k, v
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Route and attend over ``x`` ``[B, N, C]``; returns ``[B, N, C]``."""
-        self._check_tokens("x", x)
-        B, N, _ = x.shape
-        H, D = self.heads, self.head_dim
-        g, G = self.route(x)  # (B, N, H), (B, H)
-        q, k, v = self._qkv(x)  # 3 x (B, H, N, D)
-        pattern = Causal() if self.config.causal else None
-        weight = self._weights(g, G)  # (B, N, H): zero where a head is not selected
-        parts, rows = [], []
-        # per-(b, h) views by unbind: one backward node per tensor (indexing q[b, h] in the loop made every
-        # backward step allocate a zero tensor of q's full size)
-        qs, ks, vs = ([t.unbind(0) for t in x_.unbind(0)] for x_ in (q, k, v))
-        for b in range(B):
-            for h in weight[b].any(0).nonzero().flatten().tolist():
-                idx = weight[b, :, h].nonzero().flatten()  # (S,) the tokens head h selected, in order
-                if idx.numel() == 0:
-                    continue
-                q_s, k_s, v_s = (t[b][h].index_select(0, idx)[None, None] for t in (qs, ks, vs))  # (1, 1, S, D)
-                o = attention(q_s, k_s, v_s, pattern)  # (1, 1, S, D)
-                parts.append(o[0, 0] * weight[b, idx, h, None])  # (S, D)
-                rows.append(torch.stack([torch.full_like(idx, b), torch.full_like(idx, h), idx]))  # (3, S)
-        out = q.new_zeros(B, H, N, D)  # (B, H, N, D): zero where (token, head) was not selected
-        if parts:
-            b_i, h_i, n_i = torch.cat(rows, dim=1)  # 3 x (sum S,)
-            out = out.index_put((b_i, h_i, n_i), torch.cat(parts))
-        return self.out_proj(out.transpose(1, 2).reshape(B, N, H * D))  # (B, N, C)
-
-    def extra_repr(self) -> str:
-        c = self.config
-        return (f"dim={c.dim}, heads={c.heads}, head_dim={c.head_dim}, topk={c.topk}, "
-                f"expert_topk={c.expert_topk}, causal={c.causal}")
-
-
-def naive_selective_attention(module: SelectiveAttention, x: Tensor) -> Tensor:
-    """Reference for :class:`SelectiveAttention`: every head computed densely with a materialized
-    ``[B, H, N, N]`` mask that keeps a (query, key) pair only when both tokens selected the head; rows of
-    unselected tokens give zero; outputs weighted by ``G_h g_{n,h}``. ``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
-    B, N, _ = x.shape
-    H, D = module.heads, module.head_dim
-    g, G = module.route(x)  # (B, N, H), (B, [N,] H)
-    q, k, v = module._qkv(x)  # 3 x (B, H, N, D)
-    weight = module._weights(g, G).transpose(1, 2)  # (B, H, N)
-    sel = weight > 0  # (B, H, N)
-    s = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, N, N)
-    keep = sel[..., :, None] & sel[..., None, :]  # (B, H, N, N)
-    if module.config.causal:
-        keep = keep & torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
-    p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)  # empty rows -> 0
-    out = (p @ v) * weight[..., None]  # (B, H, N, D)
-    return module.out_proj(out.transpose(1, 2).reshape(B, N, H * D))  # (B, N, C)
