@@ -1,6 +1,10 @@
-"""Random-feature attention (``"random_features"``): many heads with frozen random query-key matrices and
-trainable values, the model of "What can a Single Attention Layer Learn? A Study Through the Random Features
-Lens" (Fu, Guo, Bai and Mei, NeurIPS 2023)."""
+"""Random-feature attention (registered as ``"random_features"``).
+
+Fu, Guo, Bai and Mei, NeurIPS 2023, "What can a Single Attention Layer Learn? A Study Through the Random Features
+Lens": many heads with frozen random query-key matrices (:func:`sample_query_key`) and trainable values. All
+heads run as one :func:`headwise.attention` call (multi-query layout); :func:`naive_random_feature_attention`
+(head by head, materialized scores) is the reference.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwise.core.attention import BACKENDS, attention
+from headwise.checks import check_positive_int, check_tokens
+from headwise.core.attention import attention
 from headwise.core.reference import naive_attention
-from headwise.checks import check_positive_int
+from headwise.variants.base import Capabilities, Variant, check_backend
 from headwise.variants.registry import register
-from headwise.variants.mha import MultiHeadAttention
 
 __all__ = ["RandomFeatureAttention", "naive_random_feature_attention", "sample_query_key"]
 
@@ -27,7 +31,7 @@ def sample_query_key(heads: int, dim: int, mean: float, std: float, generator: t
 
 
 @register("random_features")
-class RandomFeatureAttention(nn.Module):
+class RandomFeatureAttention(Variant):
     r"""A single random-feature attention layer (Fu et al., 2023): ``M`` heads whose query-key matrices are
     sampled once and frozen; only the value matrices are trained.
 
@@ -54,7 +58,7 @@ class RandomFeatureAttention(nn.Module):
     ``out_proj`` ``[C, M*C]``. Shapes: ``x`` ``[B, N, C]`` -> ``[B, N, C]``. Cost: attention with head width
     ``C`` per head, i.e. ``C / D`` times MHA's per head.
 
-    Args:
+    Args (the fields of :class:`RandomFeatureAttention.Config`):
         dim: model width ``C``.
         heads: number of random heads ``M`` (the theory wants many).
         qk_mean: ``\mu``, mean of the diagonal of ``W_m`` (default 0: zero-mean Gaussian).
@@ -77,6 +81,9 @@ class RandomFeatureAttention(nn.Module):
         torch.Size([2, 50, 64])
     """
 
+    capabilities = Capabilities()
+    example_config = {"dim": 8, "heads": 3, "qk_mean": 1.0, "seed": 0}
+
     @dataclass
     class Config:
         dim: int  # model width C of the input x [B, N, C] and of the output
@@ -98,53 +105,33 @@ class RandomFeatureAttention(nn.Module):
                 raise ValueError(f"qk_std must be >= 0, got qk_std={self.qk_std}")
             if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
                 raise TypeError(f"seed must be an int or None, got seed={self.seed!r}")
-            if self.backend != "auto" and self.backend not in BACKENDS:
-                raise ValueError(f"unknown backend={self.backend!r}; valid: 'auto', " + ", ".join(map(repr, BACKENDS)))
+            check_backend(self.backend)
 
-    _check_tokens = MultiHeadAttention._check_tokens  # the same [B, N, C] input check as MHA
-
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        *,
-        qk_mean: float = 0.0,
-        qk_std: float = 1.0,
-        seed: int | None = None,
-        backend: str = "auto",
-    ):
-        super().__init__()
-        self.config = cfg = self.Config(
-            dim=dim, heads=heads, qk_mean=qk_mean, qk_std=qk_std, seed=seed, backend=backend,
-        )
-        self.dim, self.heads = cfg.dim, cfg.heads
+    def build(self, cfg) -> None:
         generator = None if cfg.seed is None else torch.Generator().manual_seed(cfg.seed)
         self.register_buffer("query_key", sample_query_key(cfg.heads, cfg.dim, cfg.qk_mean, cfg.qk_std, generator))
         self.out_proj = nn.Linear(cfg.heads * cfg.dim, cfg.dim, bias=False)  # V = [V_1; ...; V_M], trainable
 
     def forward(self, x: Tensor) -> Tensor:
         """Random-feature attention over ``x`` ``[B, N, C]``; returns ``[B, N, C]``."""
-        self._check_tokens("x", x)
+        check_tokens("x", x, self.config.dim)
         B, N, C = x.shape
-        M = self.heads
+        M = self.config.heads
         w = self.query_key.permute(1, 0, 2).reshape(C, M * C)  # (C, M*C) = [W_1 ... W_M]
         q = (x @ w.to(x.dtype) / C).view(B, N, M, C).transpose(1, 2)  # (B, M, N, C)
         kv = x[:, None]  # (B, 1, N, C): keys and values are the tokens themselves
         o = attention(q, kv, kv, scale=1.0, backend=self.config.backend)  # (B, M, N, C)
         return self.out_proj(o.transpose(1, 2).reshape(B, N, M * C))  # (B, N, C)
 
-    def extra_repr(self) -> str:
-        c = self.config
-        return f"dim={c.dim}, heads={c.heads}, qk_mean={c.qk_mean}, qk_std={c.qk_std}, seed={c.seed}"
-
 
 def naive_random_feature_attention(module: RandomFeatureAttention, x: Tensor) -> Tensor:
     """Reference for :class:`RandomFeatureAttention`, head by head: ``softmax_i(x_n^T W_m x_i / C)`` materialized
     (:func:`headwise.core.naive_attention`), values ``x``, then ``sum_m o_m V_m``. ``[B, N, C]`` -> ``[B, N, C]``."""
     B, N, C = x.shape
-    V = module.out_proj.weight.view(C, module.heads, C)  # (C_out, M, C_in): V_m^T = V[:, m, :]
+    M = module.config.heads
+    V = module.out_proj.weight.view(C, M, C)  # (C_out, M, C_in): V_m^T = V[:, m, :]
     y = torch.zeros_like(x)  # (B, N, C)
-    for m in range(module.heads):
+    for m in range(M):
         W = module.query_key[m].to(x.dtype)  # (C, C)
         q = (x @ W / C)[:, None]  # (B, 1, N, C)
         o, _ = naive_attention(q, x[:, None], x[:, None], scale=1.0)  # (B, 1, N, C)

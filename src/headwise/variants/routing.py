@@ -1,10 +1,11 @@
 """Attention-aware expert routing for sparse mixtures of experts, from "Improving Routing in Sparse Mixture of
-Experts with Graph of Tokens" (Nguyen, Tran, Nguyen and Baraniuk, ICML 2025).
+Experts with Graph of Tokens" (Nguyen, Tran, Nguyen and Baraniuk, ICML 2025). Registers nothing.
 
-A router, not an attention variant (so not registered): the attention matrix of the layer before the MoE decides
-how tokens borrow each other's routing distributions. The mixing ``A @ P`` runs through :func:`headwise.attention`
-with the routing probabilities as values, so the ``N x N`` attention matrix is never materialized;
-:func:`naive_attention_aware_gates` is the materialized reference.
+A router, not an attention variant (so not registered, though built on :class:`~headwise.variants.base.Variant`
+for its config, constructor and renamed keywords): the attention matrix of the layer before the MoE decides how
+tokens borrow each other's routing distributions. The functional core is :mod:`headwise.ops.routing`
+(:func:`~headwise.ops.routing.attention_aware_gates` mixes the probabilities through :func:`headwise.attention`,
+so the ``N x N`` attention matrix is never materialized; the materialized reference is in ``naive.py``).
 """
 
 from __future__ import annotations
@@ -14,41 +15,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from headwise.core.attention import BACKENDS, attention
+from headwise.checks import check_positive_int, check_tokens
+from headwise.ops.routing import attention_aware_gates
 from headwise.patterns import Pattern
-from headwise.checks import check_positive_int
+from headwise.variants.base import Capabilities, Variant, check_backend
 
-__all__ = ["attention_aware_gates", "naive_attention_aware_gates", "AttentionAwareRouter"]
-
-
-def attention_aware_gates(q: Tensor, k: Tensor, probs: Tensor, pattern: Pattern | None = None, *,
-                          backend: str = "auto") -> Tensor:
-    r"""Routing distributions mixed along the attention graph: ``\hat p_i = \frac{1}{H}\sum_h \sum_j A^h_{ij} p_j``.
-
-    ``A^h = softmax(q_h k_h^T / sqrt(D))`` (restricted to ``pattern``) is the attention of the preceding layer and
-    ``p_j = softmax(W_g x_j)`` the token's own routing distribution: token ``i`` picks a neighbour ``j`` with
-    probability ``A_ij`` and takes its expert choice (the paper's graph-of-tokens model), so the mixture is again a
-    distribution over experts.
-
-    Shapes: ``q`` ``[B, H, N, D]``, ``k`` ``[B, H_kv, N, D]``, ``probs`` ``[B, N, E]`` -> ``[B, N, E]``.
-    """
-    if probs.dim() != 3 or probs.shape[:2] != (q.shape[0], k.shape[2]):
-        raise ValueError(f"probs must be [B, N, E] with B, N = {[q.shape[0], k.shape[2]]}, got probs.shape={tuple(probs.shape)}")
-    v = probs[:, None].expand(-1, k.shape[1], -1, -1)  # (B, H_kv, N, E): every head carries the same values
-    mixed = attention(q, k, v, pattern, backend=backend)  # (B, H, N, E) = A^h @ P
-    return mixed.mean(1)  # (B, N, E)
+__all__ = ["AttentionAwareRouter"]
 
 
-def naive_attention_aware_gates(q: Tensor, k: Tensor, probs: Tensor) -> Tensor:
-    """Reference for :func:`attention_aware_gates` (full attention): the materialized, head-averaged ``A`` times ``P``."""
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, N, D)
-    a = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)  # (B, H, N, N)
-    return a.mean(1) @ probs  # (B, N, E)
-
-
-class AttentionAwareRouter(nn.Module):
+class AttentionAwareRouter(Variant):
     r"""Attention-Aware SMoE routing (Nguyen et al., ICML 2025): top-``k`` experts chosen from
-    :func:`attention_aware_gates`, i.e. from the routing distributions of the tokens each token attends to.
+    :func:`~headwise.ops.routing.attention_aware_gates`, i.e. from the routing distributions of the tokens each
+    token attends to.
 
     .. math::
 
@@ -56,51 +34,66 @@ class AttentionAwareRouter(nn.Module):
         \mathcal{E}_i = \mathrm{TopK}(\hat p_i, k),\quad g_{ie} = \hat p_{ie} / \textstyle\sum_{e' \in \mathcal{E}_i} \hat p_{ie'}
 
     ``q, k`` are the queries and keys of the attention layer that precedes the MoE layer (e.g. from
-    :meth:`MultiHeadAttention.project`). Returns ``(gates, experts, probs)``: ``gates`` ``[B, N, k]`` (renormalized to
-    sum to 1), ``experts`` ``[B, N, k]`` indices, ``probs`` ``[B, N, E]`` the mixed distribution (for a
+    :meth:`MultiHeadAttention.project`). Returns ``(gates, experts, probs)``: ``gates`` ``[B, N, k]`` (renormalized
+    to sum to 1), ``experts`` ``[B, N, k]`` indices, ``probs`` ``[B, N, E]`` the mixed distribution (for a
     load-balancing loss).
 
-    Args:
+    Args (the fields of :class:`AttentionAwareRouter.Config`):
         dim: token width ``C``.
         experts: number of experts ``E``.
-        top_k: experts per token ``k`` (default 2).
+        topk: experts per token ``k`` (default 2; formerly ``top_k``, still accepted with a ``FutureWarning``).
         backend: :func:`headwise.attention` backend.
 
     Choices made here: mixing the routing *probabilities* (not the logits) with the attention matrix is our
     reading of the paper's graph-of-tokens model from its abstract and derivation outline; the exact equations
     were not available to check in this implementation. The attention is averaged over heads, and the gates
     are renormalized over the selected experts, as in softmax top-k SMoE.
+
+    Example:
+        >>> import torch, headwise
+        >>> mha = headwise.create("mha", dim=32, heads=4)
+        >>> router = AttentionAwareRouter(32, experts=8, topk=2)
+        >>> x = torch.randn(2, 10, 32)
+        >>> q, k, _ = mha.project(x)
+        >>> gates, experts, probs = router(x, q, k)
+        >>> gates.shape, experts.shape, probs.shape
+        (torch.Size([2, 10, 2]), torch.Size([2, 10, 2]), torch.Size([2, 10, 8]))
     """
+
+    capabilities = Capabilities(inputs=("q", "k"), output="tuple")
+    aliases = {"top_k": "topk"}
+    example_config = {"dim": 8, "experts": 4, "topk": 2}
 
     @dataclass
     class Config:
         dim: int  # token width C
         experts: int  # number of experts E
-        top_k: int = 2  # experts per token, 1..experts
+        topk: int = 2  # experts per token, 1..experts
         backend: str = "auto"  # headwise.attention backend for the mixing
 
         def __post_init__(self):
             check_positive_int("dim", self.dim)
             check_positive_int("experts", self.experts)
-            check_positive_int("top_k", self.top_k)
-            if self.top_k > self.experts:
-                raise ValueError(f"top_k must be at most experts={self.experts}, got top_k={self.top_k}")
-            if self.backend != "auto" and self.backend not in BACKENDS:
-                raise ValueError(f"unknown backend={self.backend!r}; valid: 'auto', " + ", ".join(map(repr, BACKENDS)))
+            check_positive_int("topk", self.topk)
+            if self.topk > self.experts:
+                raise ValueError(f"topk must be at most experts={self.experts}, got topk={self.topk}")
+            check_backend(self.backend)
 
-    def __init__(self, dim: int, experts: int, *, top_k: int = 2, backend: str = "auto"):
-        super().__init__()
-        self.config = cfg = self.Config(dim=dim, experts=experts, top_k=top_k, backend=backend)
-        self.gate = nn.Linear(dim, cfg.experts, bias=False)  # W_g
+    def build(self, cfg) -> None:
+        self.gate = nn.Linear(cfg.dim, cfg.experts, bias=False)  # W_g
 
     def forward(self, x: Tensor, q: Tensor, k: Tensor, pattern: Pattern | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        if x.dim() != 3 or x.shape[-1] != self.config.dim:
-            raise ValueError(f"x must be [B, N, C] with C = dim = {self.config.dim}, got x.shape={tuple(x.shape)}")
+        """Route ``x`` ``[B, N, C]`` along the attention of ``q`` ``[B, H, N, D]`` and ``k`` ``[B, H_kv, N, D]``
+        (restricted to ``pattern``); returns ``(gates, experts, probs)`` (class docstring)."""
+        check_tokens("x", x, self.config.dim)
         probs = torch.softmax(self.gate(x), dim=-1)  # (B, N, E)
         mixed = attention_aware_gates(q, k, probs, pattern, backend=self.config.backend)  # (B, N, E)
-        top, experts = mixed.topk(self.config.top_k, dim=-1)  # (B, N, k)
+        top, experts = mixed.topk(self.config.topk, dim=-1)  # (B, N, k)
         return top / top.sum(-1, keepdim=True), experts, mixed
 
-    def extra_repr(self) -> str:
-        c = self.config
-        return f"dim={c.dim}, experts={c.experts}, top_k={c.top_k}"
+    def example(self, batch: int = 2, *, generator: torch.Generator | None = None) -> tuple:
+        """``(x [B, 7, C], q [B, 2, 7, 4], k [B, 2, 7, 4])``: tokens and the preceding layer's queries and keys."""
+        like = self._example_like()
+        x = self._randn(batch, 7, self.config.dim, like=like, generator=generator)
+        q, k = (self._randn(batch, 2, 7, 4, like=like, generator=generator) for _ in range(2))
+        return x, q, k

@@ -1,4 +1,4 @@
-"""complex (ComplexFormer CMHA) and rcmha (RCMHA): references, degenerate cases, causality, bad configs."""
+"""rcmha (RCMHA) module: its materialized reference, the depthwise convolution, degenerate cases, causality."""
 
 from __future__ import annotations
 
@@ -7,16 +7,8 @@ import torch
 
 import headwise
 from headwise.patterns import Causal
-from headwise.variants.positional import (
-    ComplexAttention,
-    RelativeConvAttention,
-    chunk_rcmha_attention,
-    depthwise_conv1d,
-    naive_complex_attention,
-    naive_rcmha_attention,
-    polar,
-)
 from headwise.variants.mha import MultiHeadAttention
+from headwise.variants.rcmha import RelativeConvAttention, depthwise_conv1d, naive_rcmha
 
 DIM, HEADS = 48, 4  # head_dim 12
 
@@ -32,7 +24,7 @@ def _grads(module, x, y):
 
 
 def _assert_same_forward_backward(module, x, atol=1e-10):
-    y_fast, y_naive = module(x), module.naive_forward(x)
+    y_fast, y_naive = module(x), naive_rcmha(module, x)
     torch.testing.assert_close(y_fast, y_naive, atol=atol, rtol=0)
     for a, b in zip(_grads(module, x, y_fast), _grads(module, x, y_naive)):
         torch.testing.assert_close(a, b, atol=atol, rtol=0)
@@ -46,7 +38,7 @@ def _randomize_(module, scale=0.3):
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-SPECS = ["complex", "rcmha", "rcmha(causal=True, kernel_size=4, max_distance=8)"]
+SPECS = ["rcmha", "rcmha(causal=True, kernel_size=4, max_distance=8)"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -80,77 +72,14 @@ def test_deterministic_under_seed(spec):
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 
-# ---- complex ------------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("N", [1, 63])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_complex_matches_polar_reference(N, causal):
-    torch.manual_seed(0)
-    m = ComplexAttention(DIM, HEADS, pattern=Causal() if causal else None).double()
-    _randomize_(m)
-    _assert_same_forward_backward(m, _x(N=N))
-
-
-def test_complex_without_rotation_equals_mha():
-    torch.manual_seed(0)
-    mha = MultiHeadAttention(DIM, HEADS, pattern=Causal(), backend="reference").double()
-    m = ComplexAttention(DIM, HEADS, pattern=Causal()).double()
-    m.load_state_dict(mha.state_dict(), strict=False)
-    with torch.no_grad():
-        m.freq.zero_()  # phase_scale = 1, phase_shift = 0 from the init: Adapt is the identity
-    x = _x()
-    torch.testing.assert_close(m(x), mha(x), atol=1e-12, rtol=0)
-
-
-def test_complex_identity_adapt_is_rope():
-    # alpha = 1, beta = 0: the rotation by freq * position is rotary position embedding (rotate-half layout)
-    torch.manual_seed(0)
-    B, H, N, D = 1, 2, 9, 8
-    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
-    freq = torch.rand(H, D // 2, dtype=torch.float64)
-    ang = torch.arange(N, dtype=torch.float64)[:, None] * freq[:, None]  # (H, N, D/2)
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # (H, N, D)
-
-    def rope(t):
-        a, b = t.chunk(2, -1)
-        return t * cos + torch.cat([-b, a], -1) * sin
-
-    expected = headwise.attention(rope(q), rope(k), v, backend="reference")
-    ones, zeros = torch.ones_like(freq), torch.zeros_like(freq)
-    torch.testing.assert_close(naive_complex_attention(q, k, v, ones, zeros, freq), expected, atol=1e-12, rtol=0)
-
-
-def test_polar_gradient_finite_at_zero():
-    x = torch.tensor([[0.0, 1.0, 0.0, 2.0]], dtype=torch.float64, requires_grad=True)  # z_0 = 0, z_1 = 1 + 2i
-    r, theta = polar(x)
-    torch.testing.assert_close(r, torch.tensor([[0.0, 5**0.5]], dtype=torch.float64))
-    (r.sum() + theta.sum()).backward()
-    assert torch.isfinite(x.grad).all()
-
-
-# ---- rcmha --------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("N", [1, 63])
-@pytest.mark.parametrize("causal,kernel_size", [(False, 3), (True, 4)], ids=["full-k3", "causal-k4"])
+@pytest.mark.parametrize("causal,kernel_size", [(False, 3), (True, 4), (False, 4)],
+                         ids=["full-k3", "causal-k4", "full-k4"])
 def test_rcmha_matches_naive(N, causal, kernel_size):
     torch.manual_seed(0)
     m = RelativeConvAttention(DIM, HEADS, kernel_size=kernel_size, max_distance=5, causal=causal, chunk=16).double()
     _randomize_(m)
     _assert_same_forward_backward(m, _x(N=N))
-
-
-def test_chunk_rcmha_independent_of_chunk():
-    torch.manual_seed(0)
-    B, H, N, D, K = 2, 3, 50, 8, 7
-    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
-    u, R, S = torch.randn(H, D), torch.randn(2 * K + 1, H, D), torch.randn(2 * K + 1, H)
-    u, R, S = u.double(), R.double(), S.double()
-    expected = naive_rcmha_attention(q, k, v, u, R, S, K, causal=True)
-    for chunk in (1, 7, 50, 64):
-        got = chunk_rcmha_attention(q, k, v, u, R, S, K, causal=True, chunk=chunk)
-        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -175,23 +104,46 @@ def test_rcmha_causal_ignores_future_tokens():
     assert not torch.allclose(m(x)[:, 20:], m(x2)[:, 20:])
 
 
-# ---- bad configs ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_weights_reproduce_the_forward(causal):
+    """The matrix inspect records (the attention step on identity values), applied to the values, is the forward."""
+    torch.manual_seed(0)
+    m = RelativeConvAttention(DIM, HEADS, causal=causal, max_distance=3, chunk=8).double()
+    _randomize_(m)
+    x = _x(N=19).detach()
+    p = m.attention_weights(x)  # (B, H, N, N)
+    torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:3], dtype=p.dtype), atol=1e-12, rtol=0)
+    if causal:
+        assert (p.triu(1).abs() < 1e-300).all()
+    _, _, v = m.project(x)
+    torch.testing.assert_close(m.finish(p @ v), m(x), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("spec,kwargs,match", [
-    ("complex", dict(dim=50, heads=4), "dim must be divisible by heads"),
-    ("complex", dict(head_dim=7), "even head_dim"),
-    ("complex", dict(rope_base=1), "rope_base"),
-    ("rcmha", dict(dim=50, heads=4), "dim must be divisible by heads"),
-    ("rcmha", dict(kernel_size=0), "kernel_size"),
-    ("rcmha", dict(max_distance=-1), "max_distance"),
-    ("rcmha", dict(chunk=0), "chunk"),
-    ("rcmha", dict(causal="no"), "causal"),
+def test_fused_kv_checkpoints_still_load():
+    torch.manual_seed(0)
+    m = RelativeConvAttention(DIM, HEADS, max_distance=4).double()
+    _randomize_(m)
+    old = {k: v for k, v in m.state_dict().items() if not k.startswith(("k_proj", "v_proj"))}
+    old["kv_proj.weight"] = torch.cat([m.k_proj.weight, m.v_proj.weight]).detach()
+    old["kv_proj.bias"] = torch.cat([m.k_proj.bias, m.v_proj.bias]).detach()
+    fresh = RelativeConvAttention(DIM, HEADS, max_distance=4).double()
+    fresh.load_state_dict(old)
+    x = _x(N=9)
+    torch.testing.assert_close(fresh(x), m(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=50, heads=4), "dim must be divisible by heads"),
+    (dict(kernel_size=0), "kernel_size"),
+    (dict(max_distance=-1), "max_distance"),
+    (dict(chunk=0), "chunk"),
+    (dict(causal="no"), "causal"),
+    (dict(kv_heads=2), "kv_heads"),
 ], ids=lambda v: str(v) if isinstance(v, str) else None)
-def test_bad_config_raises_naming_the_argument(spec, kwargs, match):
+def test_bad_config_raises_naming_the_argument(kwargs, match):
     kw = {"dim": DIM, "heads": HEADS, **kwargs}
     with pytest.raises((ValueError, TypeError), match=match):
-        headwise.create(spec, **kw)
+        headwise.create("rcmha", **kw)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own note on its conv1d
