@@ -60,7 +60,10 @@ def test_example_runs_forward_and_backward(name):
     assert isinstance(out, tuple) == (caps.output == "tuple"), f"{name}: output form differs from {caps.output!r}"
     y = _first(out)
     x = inputs[0]
-    assert y.shape == x.shape, f"{name}: output {tuple(y.shape)} is not the input's {tuple(x.shape)}"
+    if caps.mixer:
+        assert y.shape == x.shape, f"{name}: output {tuple(y.shape)} is not the input's {tuple(x.shape)}"
+    else:
+        assert y.shape != x.shape, f"{name} declares mixer=False but its output has the input's shape"
     assert torch.isfinite(y).all()
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
     loss = (y * g).sum() + sum(v for v in [getattr(m, "aux_loss", None)] if torch.is_tensor(v) and v.requires_grad)
@@ -130,6 +133,12 @@ def test_declared_causal_mode_is_causal(name):
             x2[:, t:] = torch.randn(x2[:, t:].shape, generator=torch.Generator().manual_seed(t), dtype=x.dtype)
             torch.testing.assert_close(_first(m(x2))[:, :t], y[:, :t], rtol=1e-9, atol=1e-9,
                                        msg=f"{name}: outputs before {t} depend on later tokens")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_example_length_is_supported(name):
+    m = _module(name)
+    assert m.unsupported_length(m.example_length()) is None
 
 
 @pytest.mark.parametrize("name", _declaring(lambda c: c.context))

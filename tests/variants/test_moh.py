@@ -253,7 +253,7 @@ BAD = [
     ("moh", dict(dim=64, heads=8, shared_heads=9), ValueError, "shared_heads must be"),
     ("moh", dict(dim=64, heads=8, router="hash"), ValueError, "router must be one of"),
     ("moh", dict(dim=64, heads=8, compute="lazy"), ValueError, "compute must be one of"),
-    ("moh", dict(dim=64, heads=8, causal="yes"), TypeError, "causal must be a bool"),
+    ("moh", dict(dim=64, heads=8, causal="yes"), ValueError, "causal must be a bool"),  # create: a bad config
     ("relu_moh", dict(dim=30, heads=8), ValueError, "divisible by heads"),
     ("relu_moh", dict(dim=64, heads=8, shared_heads=8), ValueError, "needs a routed"),
     ("relu_moh", dict(dim=64, heads=8, target_active=0.0), ValueError, r"target_active must be in \(0, 1\]"),

@@ -86,7 +86,7 @@ BAD = [
     (dict(dim=64, partial=0.001), ValueError, "leaves no channel"),
     (dict(dim=64, heads=8), ValueError, "unknown config key"),
     (dict(dim=64, norm="batch"), ValueError, "norm must be one of"),
-    (dict(dim=64, causal=1), TypeError, "causal must be a bool"),
+    (dict(dim=64, causal=1), ValueError, "causal must be a bool"),  # create reports a wrong type as a bad config
     (dict(dim=64, pattern=PerHead([Full(), Full()])), ValueError, "head-specific pattern has 2 heads"),
 ]
 

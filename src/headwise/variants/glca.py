@@ -68,8 +68,7 @@ class GlobalLocalCrossAttention(ProjectedAttention):
         (torch.Size([2, 5, 64]), torch.Size([2, 5]))
     """
 
-    # out is [B, R, C] (the R selected tokens), not x's shape: not a token mixer, which Capabilities cannot say yet
-    capabilities = Capabilities(output="tuple")
+    capabilities = Capabilities(output="tuple", mixer=False)  # out is [B, R, C]: the R selected tokens
     example_config = {"dim": 16, "heads": 4, "kv_heads": 2, "local_ratio": 0.4}
 
     @dataclass

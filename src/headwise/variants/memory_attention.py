@@ -92,10 +92,10 @@ class MemoryAttention(Variant):
 
     @classmethod
     def capabilities_for(cls, config) -> Capabilities:
-        """Without a learned bank (``entries=None``) the memory is a required input of the forward."""
-        if config.entries is None:
-            return dataclasses.replace(cls.capabilities, inputs=("memory",))
-        return cls.capabilities
+        """Without a learned bank (``entries=None``) the memory is a required input of the forward; the output has
+        the memory's width, so the module is a token mixer only when ``memory_dim == dim``."""
+        return dataclasses.replace(cls.capabilities, inputs=("memory",) if config.entries is None else (),
+                                   mixer=config.memory_dim == config.dim)
 
     def build(self, cfg) -> None:
         self.q_proj = nn.Linear(cfg.dim, cfg.heads * cfg.head_dim)

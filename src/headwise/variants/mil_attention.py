@@ -79,9 +79,8 @@ class MILAttention(Variant):
         (torch.Size([1, 64]), torch.Size([1, 2]), torch.Size([1, 5, 500]))
     """
 
-    # the first output is the bag embedding [B, C], not x's shape: not a token mixer, which Capabilities cannot say
     # yet; its [B, M, N] branch attention has no per-token queries, so no [B, H, N, M] weights either
-    capabilities = Capabilities(layout="set", output="tuple", weights="none")
+    capabilities = Capabilities(layout="set", output="tuple", weights="none", mixer=False)  # first output: [B, C]
     example_config = {"dim": 16, "branches": 3, "hidden": 8, "mask_top_k": 4, "classes": 3}
 
     @dataclass

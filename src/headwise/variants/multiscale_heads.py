@@ -75,7 +75,6 @@ class MultiScaleHeads(SoftmaxAttention):
         [(2, 24, 64), (2, 6, 64)]
     """
 
-    # grid None: N must be a square whose side 2**(scales-1) divides (resolve_grid), which Capabilities cannot say
     capabilities = Capabilities(causal="optional", grid="optional", output="tuple")
     example_config = {"dim": 16, "heads": 4, "kv_heads": 2, "scales": 2, "grid": (2, 4)}
 
@@ -119,6 +118,14 @@ class MultiScaleHeads(SoftmaxAttention):
                 y = y + self.out_proj.bias
             outs.append(self.dropout(y))
         return tuple(outs)
+
+    def unsupported_length(self, seq_len: int) -> str | None:
+        """Without a configured grid the tokens must form a square grid whose side ``2**(scales-1)`` divides."""
+        try:
+            self.resolve_grid(seq_len)
+        except ValueError as e:
+            return str(e)
+        return None
 
     def resolve_grid(self, N: int, grid=None) -> tuple[int, int]:
         """The grid ``(h, w)`` of ``N`` tokens: ``grid`` if given, else the config's, else square; checked."""

@@ -93,7 +93,6 @@ class AttentionAwareRouter(Variant):
 
     def example(self, batch: int = 2, *, generator: torch.Generator | None = None) -> tuple:
         """``(x [B, 7, C], q [B, 2, 7, 4], k [B, 2, 7, 4])``: tokens and the preceding layer's queries and keys."""
-        like = self._example_like()
-        x = self._randn(batch, 7, self.config.dim, like=like, generator=generator)
-        q, k = (self._randn(batch, 2, 7, 4, like=like, generator=generator) for _ in range(2))
+        x = self.example_randn(batch, 7, self.config.dim, generator=generator)
+        q, k = (self.example_randn(batch, 2, 7, 4, generator=generator) for _ in range(2))
         return x, q, k
