@@ -2,26 +2,25 @@
 one-layer in-context regression transformer.
 
 Every layer's token mixer is a registry spec (``"mha"``, ``"moba(block=16, topk=2)"``; one spec for all layers or
-one per layer). Registered variants are heterogeneous (some take ``grid``, some have no causal mode, some return
-tuples, some read ``[B, C, H, W]`` feature maps), so ONE adapter, :func:`plan_mixer`, decides from the registry
-how to call a variant as a ``[B, N, C] -> [B, N, C]`` mixer, or why it cannot serve a model:
+one per layer). :func:`plan_mixer` decides how to call a variant as a ``[B, N, C] -> [B, N, C]`` mixer, or why it
+cannot serve a model, from what the variant DECLARES (:class:`headwise.variants.base.Capabilities`, its config
+fields, and its :meth:`~headwise.variants.base.Variant.unsupported_length` and
+:meth:`~headwise.variants.base.Variant.causal_leak` for the task's length) -- never by trying calls:
 
 * **config fields** (:func:`headwise.variants.registry.config_fields`): ``dim``, ``heads``, ``grid`` (the patch grid
-  of an image model; a variant that *requires* a grid cannot serve a 1-D sequence task), ``tokens`` (the sequence
-  length, for token-MLP mixers), ``ndim`` (2 on a grid, else 1), ``layer`` / ``num_layers`` (the layer index and
-  depth). Causal models set ``causal=True`` where the config has ``causal``, else intersect the ``pattern`` field
-  with :class:`headwise.patterns.Causal`; a variant with neither must turn out causal in the probe below.
-  Any other config field without a default must be given in the spec.
-* **forward signature**: ``grid=`` is passed when the forward takes it and the model has a grid; a forward that
-  needs another argument (a second input) cannot serve.
-* **one probe call** (float64, eval mode, random input at the model's shape, global RNG untouched): ``[B, N, C]``
-  tokens first, then -- on a grid only -- a ``[B, C, h, w]`` feature map (the ``image`` family: LKA, ULSAM, ...);
-  a tuple output contributes its first element; the output must have the input's shape; for a causal model,
-  changing the inputs from position ``t`` on must leave the outputs before ``t`` unchanged (a mixer that peeks
-  ahead -- a non-causal convolution inside, a token MLP -- is refused with that reason).
+  of an image model), ``tokens`` (the sequence length, for token-MLP mixers), ``ndim`` (2 on a grid, else 1),
+  ``layer`` / ``num_layers`` (the layer index and depth). Any other config field without a default must be given
+  in the spec.
+* **capabilities**: ``inputs`` (a forward that needs a second input cannot serve), ``mixer`` (the output must
+  have the input's shape), ``layout`` (``"image"`` mixers get the ``[B, C, h, w]`` feature map of the tokens and
+  need a grid; ``"tokens"`` and ``"set"`` get ``[B, N, C]``), ``grid`` (``"required"`` cannot serve a 1-D task),
+  ``output`` (a tuple contributes its first element), ``causal``: a causal model sets ``causal=True`` on
+  ``"optional"``, takes ``"always"`` as is and refuses ``"none"``; a variant whose causal mode is not strictly
+  causal at the task's length (:meth:`causal_leak`) is refused with its reason.
 
 :func:`plan_mixer` raises :class:`Unsupported` (a ``ValueError``) with the reason; the arena writes it in the
-leaderboard row. New registry entries are picked up without code changes.
+leaderboard row. New registry entries are picked up without code changes. ``tests/variants/test_capabilities.py``
+checks every declaration against the module's behaviour.
 
 Builders: :func:`build_lm`, :func:`build_vit`, :func:`build_regression`. Every module keeps its mixers'
 ``aux_loss`` (MoH-style router losses) reachable through :func:`aux_loss`.
@@ -33,7 +32,6 @@ Builders: :func:`build_lm`, :func:`build_vit`, :func:`build_regression`. Every m
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -43,7 +41,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import headwise
-from headwise import patterns
 from headwise.tables import first_line
 from headwise.spec import parse_spec
 from headwise.checks import check_positive_int
@@ -66,10 +63,9 @@ class MixerPlan:
     kwargs: dict = field(default_factory=dict)  # keywords for headwise.create; they win over the spec's (causal pattern)
     layer_keys: tuple = ()  # config fields that get the layer index / depth: subset of ("layer", "num_layers")
     layout: str = "tokens"  # "tokens": x [B, N, C]; "image": feature map [B, C, h, w] on the grid
-    grid: tuple | None = None  # (h, w) passed to forward(x, grid=...) or used to reshape for "image"
-    grid_arg: bool = False  # the forward takes grid=
-    causal: bool = False  # the mixer was made and verified causal
-    note: str = ""  # how causality was obtained ("config causal=True", "pattern & Causal()", "probe")
+    grid: tuple | None = None  # (h, w): the image model's patch grid (config grid=; the "image" layout's shape)
+    causal: bool = False  # the mixer is causal (declared: causal=True set, or causal by construction)
+    note: str = ""  # how causality was obtained ("causal=True", "causal by construction")
 
     def create(self, layer: int = 0, depth: int = 1) -> nn.Module:
         extra = {k: v for k, v in (("layer", layer), ("num_layers", depth)) if k in self.layer_keys}
@@ -97,40 +93,24 @@ def split_specs(text: str) -> list[str]:
     return specs
 
 
-def _first_tensor(out: Any) -> Tensor | None:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    return None
-
-
 def _call(module: nn.Module, x: Tensor, plan: MixerPlan) -> Tensor:
     """Apply ``module`` to tokens ``x`` ``[B, N, C]`` as ``plan`` says; ``[B, N, C]`` out."""
     B, N, C = x.shape
     if plan.layout == "image":
         h, w = plan.grid
         x = x.transpose(1, 2).reshape(B, C, h, w).contiguous()  # (B, C, h, w)
-    out = module(x, grid=plan.grid) if plan.grid_arg else module(x)
-    y = _first_tensor(out)
-    if y is None:
-        raise Unsupported(f"{plan.spec} returns {type(out).__name__}, not a tensor or a tuple starting with one")
+    out = module(x)
+    y = out[0] if isinstance(out, tuple) else out  # capabilities.output "tuple": the first element
     if plan.layout == "image":
         y = y.flatten(2).transpose(1, 2)  # (B, N, C)
     return y
 
 
-def _required_forward_args(cls) -> list[str]:
-    params = list(inspect.signature(cls.forward).parameters.values())[2:]  # past self and x
-    return [p.name for p in params if p.default is inspect.Parameter.empty
-            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
 def plan_mixer(spec: str, *, dim: int, heads: int, seq_len: int, causal: bool = False,
-               grid: tuple[int, int] | None = None, defaults: dict | None = None, probe_batch: int = 2) -> MixerPlan:
+               grid: tuple[int, int] | None = None, defaults: dict | None = None) -> MixerPlan:
     """Decide how ``spec`` serves as a mixer of width ``dim`` with ``heads`` heads on ``seq_len`` tokens
-    (``causal``: autoregressive model; ``grid``: ``(h, w)`` patch grid with ``h * w = seq_len``), verified by one
-    probe call (module docstring). ``defaults``: further config keywords for the variants whose config has them
+    (``causal``: autoregressive model; ``grid``: ``(h, w)`` patch grid with ``h * w = seq_len``) from its declared
+    capabilities (module docstring). ``defaults``: further config keywords for the variants whose config has them
     (the spec's own keywords win). Raises :class:`Unsupported` naming the reason."""
     check_positive_int("dim", dim)
     check_positive_int("heads", heads)
@@ -141,6 +121,7 @@ def plan_mixer(spec: str, *, dim: int, heads: int, seq_len: int, causal: bool = 
             raise ValueError(f"{grid=} does not multiply to {seq_len=}")
     name, spec_kwargs = parse_spec(spec)
     cls = get(name)
+    spec_kwargs = cls.resolve_aliases(spec_kwargs)
     fields = {f.name: f for f in dataclasses.fields(cls.Config)}
     kwargs: dict[str, Any] = {}
     filled = (("dim", dim), ("heads", heads), ("tokens", seq_len), ("ndim", 2 if grid else 1),
@@ -148,28 +129,27 @@ def plan_mixer(spec: str, *, dim: int, heads: int, seq_len: int, causal: bool = 
     for key, value in filled:
         if key in fields and key not in spec_kwargs:
             kwargs[key] = value
-    if "grid" in fields and "grid" not in spec_kwargs:
-        f = fields["grid"]
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if grid is not None:
-            kwargs["grid"] = grid
-        elif required:
-            raise Unsupported(f"{name} needs a 2-D token grid (config field `grid`); this task's inputs are 1-D "
-                              f"sequences")
+    declared = cls.capabilities
+    if grid is not None and "grid" in fields and "grid" not in spec_kwargs:
+        kwargs["grid"] = grid
+    elif grid is None and declared.grid == "required" and "grid" not in spec_kwargs:
+        raise Unsupported(f"{name} needs a 2-D token grid (config field `grid`); this task's inputs are 1-D "
+                          f"sequences")
+    if declared.layout == "image" and grid is None:
+        raise Unsupported(f"{name} reads [B, C, H, W] feature maps (capabilities.layout='image'); this task's inputs "
+                          f"are 1-D sequences")
     note = ""
     if causal:
-        if "causal" in fields:
+        if declared.causal == "none":
+            raise Unsupported(f"{name} has no causal mode (capabilities.causal='none'); this task trains a causal "
+                              f"model")
+        if declared.causal == "optional":
             if spec_kwargs.get("causal") is False:
-                raise Unsupported(f"the spec sets causal=False but this task trains a causal model")
+                raise Unsupported("the spec sets causal=False but this task trains a causal model")
             kwargs["causal"] = True
             note = "causal=True"
-        elif "pattern" in fields:
-            given = spec_kwargs.get("pattern")
-            given = patterns.from_spec(given) if isinstance(given, str) else given
-            kwargs["pattern"] = patterns.Causal() if given is None else given & patterns.Causal()
-            note = "pattern & Causal()"
         else:
-            note = "causal by the probe"
+            note = "causal by construction"
     layer_keys = tuple(k for k in ("layer", "num_layers") if k in fields and k not in spec_kwargs)
     missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING and k not in kwargs and k not in spec_kwargs
@@ -177,62 +157,29 @@ def plan_mixer(spec: str, *, dim: int, heads: int, seq_len: int, causal: bool = 
     if missing:
         raise Unsupported(f"{name}: config field(s) {missing} have no default; give them in the spec, e.g. "
                           f"{name}({missing[0]}=...)")
-    extra_args = _required_forward_args(cls)
-    if extra_args:
-        raise Unsupported(f"{name}.forward needs {extra_args} besides x: not a self-attention mixer")
-    grid_arg = grid is not None and "grid" in inspect.signature(cls.forward).parameters
-    plan = MixerPlan(spec, name, kwargs, layer_keys, "tokens", grid, grid_arg, causal, note)
-    return _probe(plan, dim=dim, seq_len=seq_len, batch=probe_batch)
-
-
-def _probe(plan: MixerPlan, *, dim: int, seq_len: int, batch: int) -> MixerPlan:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    plan = MixerPlan(spec, name, kwargs, layer_keys, "image" if declared.layout == "image" else "tokens", grid,
+                     causal, note)
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the caller's stream alone
         try:
-            module = plan.create().eval()
-        except (ValueError, TypeError, RuntimeError, AssertionError) as e:
-            raise Unsupported(f"cannot build {plan.spec} at dim={dim}: {first_line(e)}") from None
-        try:
-            module = module.double()
-            dtype = torch.float64
-        except (RuntimeError, TypeError):
-            dtype = torch.float32
-        x = torch.randn(batch, seq_len, dim, dtype=dtype)  # (B, N, C)
-        layouts = ["tokens"] + (["image"] if plan.grid is not None else [])
-        errors = []
-        for layout in layouts:
-            trial = dataclasses.replace(plan, layout=layout)
-            try:
-                with torch.no_grad():
-                    y = _call(module, x, trial)
-            except Unsupported:
-                raise
-            except Exception as e:  # a variant's own check of its input is what tells the layouts apart
-                errors.append(f"{layout}: {first_line(e)}")
-                continue
-            if y.shape != x.shape:
-                errors.append(f"{layout}: output {tuple(y.shape)} is not the input's {tuple(x.shape)}")
-                continue
-            if plan.causal:
-                _check_causal(module, x, y, trial)
-            return trial
-        raise Unsupported(f"{plan.spec} cannot run as a [B, N, C] mixer here ({'; '.join(errors)})")
-
-
-def _check_causal(module: nn.Module, x: Tensor, y: Tensor, plan: MixerPlan) -> None:
-    N = x.shape[1]
-    tol = 1e-9 if x.dtype == torch.float64 else 1e-4
-    for t in sorted({1, N // 2, N - 1} - {0}):
-        x2 = x.clone()
-        x2[:, t:] = torch.randn_like(x2[:, t:])
-        with torch.no_grad():
-            y2 = _call(module, x2, plan)
-        err = (y2[:, :t] - y[:, :t]).abs().max().item()
-        if not err <= tol * max(1.0, y.abs().max().item()):
-            how = (" (config has neither `causal` nor `pattern`)" if plan.note == "causal by the probe"
-                   else f" even with {plan.note}")
-            raise Unsupported(f"{plan.name} is not causal{how}: outputs before position {t} change when later "
-                              f"tokens change (max {err:.2g})")
+            module = plan.create()
+        except (ValueError, TypeError) as e:
+            raise Unsupported(f"cannot build {spec} at dim={dim}: {first_line(e)}") from None
+    caps = module.caps  # the capabilities of this configuration
+    if caps.inputs:
+        raise Unsupported(f"{name}.forward needs {list(caps.inputs)} besides x: not a self-attention mixer")
+    if not caps.mixer:
+        raise Unsupported(f"{name}'s output does not have its input's shape (capabilities.mixer=False): not a token "
+                          f"mixer")
+    reason = module.unsupported_length(seq_len)
+    if reason is not None:
+        raise Unsupported(f"{name} cannot run on {seq_len} tokens: {reason}")
+    if causal:
+        if caps.causal == "none":  # a configuration without the causal mode (e.g. normalising over the tokens)
+            raise Unsupported(f"{spec} has no causal mode in this configuration; this task trains a causal model")
+        leak = module.causal_leak(seq_len)
+        if leak is not None:
+            raise Unsupported(f"{name} is not causal here: {leak}")
+    return plan
 
 
 def plan_layers(specs: str | Sequence[str], depth: int, **kw) -> list[MixerPlan]:
