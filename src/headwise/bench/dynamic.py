@@ -160,7 +160,7 @@ def _hip(case: DynamicCase, q, k, v) -> _Prepared:
 
 def _dma(case: DynamicCase, q, k, v) -> _Prepared:
     from headwise.ops.selection.tokens import dma_blocks
-    from headwise.variants.dynamic import dma_attention
+    from headwise.ops.dma import dma_attention
 
     B, H, N, D = q.shape
     w = case.params["window"]
@@ -171,7 +171,7 @@ def _dma(case: DynamicCase, q, k, v) -> _Prepared:
         return module.dynamic_bias(v)  # (B, H, N)
 
     pairs = B * H * sum(min(w, i + 1) for i in range(N))  # causal: query i keeps min(w, i + 1) keys
-    return _Prepared(lambda: dma_attention(q, k, v, bias(), w, True), lambda: dma_blocks(bias(), w, module.block),
+    return _Prepared(lambda: dma_attention(q, k, v, bias(), w, True), lambda: dma_blocks(bias(), w, module.config.chunk),
                      lambda: pairs, note="bias z = exp(A softplus(v W + b)) of a seeded dma module, included in ms")
 
 
