@@ -1,5 +1,5 @@
-"""capture: probabilities equal the reference, outputs unchanged (bitwise) for every registered variant, memory
-bounds, nn.MultiheadAttention, the linear adapters, hook cleanup."""
+"""capture: probabilities equal the reference, outputs unchanged (bitwise) for every registered variant, what each
+variant's declared ``weights`` capability records, memory bounds, nn.MultiheadAttention, hook cleanup."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from torch import nn
 import headwise
 from headwise import patterns
 from headwise.analysis import capture
-from headwise.analysis.capture import ADAPTERS, attention_probs, query_subsample
+from headwise.analysis.capture import attention_probs, query_subsample
 from headwise.core.attention import OBSERVERS
 from headwise.core.reference import naive_attention
-from headwise.variants.registry import config_fields
+from headwise.variants import registry
 
 # ---- attention_probs against the reference -----------------------------------------------------------------
 
@@ -56,24 +56,6 @@ def test_query_subsample():
 
 # ---- every registered variant: outputs bitwise unchanged ----------------------------------------------------
 
-# variants that need more than headwise.create(name, dim=32, heads=4) and x [2, 16, 32]: (spec, input shapes)
-EXTRA = {
-    "halo": ("halo(grid=(4, 4), block=2, halo=1)", [(2, 16, 32)]),
-    "max_vit": ("max_vit(grid=(4, 4), window=2, grid_size=2)", [(2, 16, 32)]),
-    "msa_conv": ("msa_conv(grid=(4, 4))", [(2, 16, 32)]),
-    "spectral": ("spectral(grid=(4, 4))", [(2, 16, 32)]),
-    "memory_attention": ("memory_attention(memory_dim=16, entries=8)", [(2, 16, 32)]),
-    "nin_gate": ("nin_gate(tokens=16)", [(2, 16, 32)]),
-    "lka": ("lka", [(2, 32, 4, 4)]),
-    "ulsam": ("ulsam(groups=4)", [(2, 32, 4, 4)]),
-    "multihead_scan": ("multihead_scan", [(2, 32, 4, 4)]),
-    "window_cross": ("window_cross(window=2)", [(2, 32, 4, 4), (2, 32, 2, 2)]),
-    "sparsifiner": ("sparsifiner(tokens=16)", [(2, 16, 32)]),
-    "vmoba": ("vmoba(grid=(2, 2, 4))", [(2, 16, 32)]),
-    "topk": ("topk(topk=4)", [(2, 16, 32)]),  # the default keeps every key at N = 16
-}
-
-
 def _flat(out):
     if isinstance(out, torch.Tensor):
         return [out]
@@ -82,24 +64,11 @@ def _flat(out):
     return []
 
 
-def _build(name):
-    """The module and its inputs; a variant added later that needs other arguments is skipped, naming why."""
-    spec, shapes = EXTRA.get(name, (name, [(2, 16, 32)]))
-    fields = config_fields(name)
-    kw = {k: v for k, v in (("dim", 32), ("heads", 4)) if k in fields}
+def _build(name, dtype=torch.float32):
+    """The variant's declared small example: module (eval mode) and its inputs. A failure here is a failure."""
     torch.manual_seed(0)
-    try:
-        module = headwise.create(spec, **kw).eval()
-    except (ValueError, TypeError) as e:
-        pytest.skip(f"{name} cannot be built as create({spec!r}, **{kw}): {e}; add it to EXTRA")
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(*s, generator=g) for s in shapes]
-    try:
-        with torch.no_grad():
-            module(*xs)
-    except (ValueError, TypeError) as e:
-        pytest.skip(f"{name} needs other inputs than {shapes}: {e}; add it to EXTRA")
-    return module, xs
+    module = registry.get(name).example_module().to(dtype).eval()
+    return module, list(module.example(generator=torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("name", headwise.available())
@@ -117,10 +86,27 @@ def test_capture_leaves_outputs_bitwise_unchanged(name):
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
     assert OBSERVERS == []
     for r in rec.records:  # softmax records are distributions over keys (or fully masked rows)
-        if r.source == "adapter":  # lightning's implicit matrix has no denominator, by design
+        if r.source == "method" and name == "lightning":  # its implicit matrix has no denominator, by design
             continue
         rows = r.probs.sum(-1)
         assert torch.all(((rows - 1).abs() < 1e-5) | (rows == 0)), r.name
+
+
+@pytest.mark.parametrize("name", headwise.available())
+def test_declared_weights_capability_is_what_capture_records(name):
+    """"observed": records from headwise.attention calls; "method": one record from attention_weights per call;
+    "none": no record."""
+    module, xs = _build(name)
+    with torch.no_grad(), capture(module) as rec:
+        module(*xs)
+    sources = {r.source for r in rec.records}
+    declared = module.caps.weights
+    if declared == "none":
+        assert sources == set(), f"{name} declares weights='none' but records {sources}"
+    elif declared == "method":
+        assert sources == {"method"} and len(rec.records) == 1, f"{name}: {sources}"
+    else:
+        assert sources == {"headwise.attention"}, f"{name} declares weights='observed' but records {sources}"
 
 
 def test_capture_leaves_gradients_unchanged(tiny_lm, tokens):
@@ -215,42 +201,41 @@ def test_linear_adapter_weights_reproduce_the_head_outputs(spec):
         assert torch.all(r.probs.triu(1) == 0)
 
 
-@pytest.mark.parametrize("name", ["moba", "vmoba", "hip", "topk", "dma", "sparsifiner"])
-def test_sparse_adapter_weights_reproduce_the_head_outputs(name):
-    m, xs = _build(name)
-    m, x = m.double(), xs[0].double()
+@pytest.mark.parametrize("name", ["moba", "vmoba", "hip", "topk", "dma", "sparsifiner", "rcmha"])
+def test_method_weights_reproduce_the_head_outputs(name):
+    """The recorded probabilities applied to the values give the variant's own head outputs (before out_proj)."""
+    m, xs = _build(name, torch.float64)
+    x = xs[0]
     seen = {}
-    out_proj = m.out_proj if hasattr(m, "out_proj") else m.mha.out_proj
-    hook = out_proj.register_forward_pre_hook(lambda mod, args: seen.setdefault("heads", args[0]))  # (B, N, H*D)
+    hook = m.out_proj.register_forward_pre_hook(lambda mod, args: seen.setdefault("heads", args[0]))  # (B, N, H*D)
     try:
         with torch.no_grad(), capture(m) as rec:
             m(x)
     finally:
         hook.remove()
     (r,) = rec.records
-    q, k, v = m._tokens(x) if name == "sparsifiner" else m.project(x)
-    H = q.shape[1]
-    assert r.source == "adapter" and r.probs.shape == (2, H, 16, 16)
+    q, k, v = m.project(x)
+    H, N = q.shape[1], x.shape[1]
+    assert r.source == "method" and r.probs.shape == (x.shape[0], H, N, N)
     ref = seen["heads"].unflatten(-1, (H, -1)).transpose(1, 2)  # (B, H, N, D) the variant's attention output
     torch.testing.assert_close(r.probs @ v.repeat_interleave(H // v.shape[1], 1), ref, rtol=1e-12, atol=1e-12)
     rows = r.probs.sum(-1)
     assert torch.allclose(rows, torch.ones_like(rows))
-    assert (r.probs == 0).any()  # sparse: keys off the selection get exactly zero
 
 
-def test_adapters_skip_long_inputs_with_a_warning():
+def test_weights_methods_skip_long_inputs_with_a_warning():
     m = headwise.create("linear", dim=32, heads=4)
-    with pytest.warns(UserWarning, match="not recorded"), capture(m, adapter_max_tokens=8) as rec:
+    with pytest.warns(UserWarning, match="not recorded"), capture(m, weights_max_tokens=8) as rec:
         m(torch.randn(1, 9, 32))
     assert rec.records == []
 
 
-def test_protocol_and_registered_adapter():
+def test_any_module_with_attention_weights_is_captured():
     class Toy(nn.Module):
         def forward(self, x):
             return x * 2
 
-        def inspect_attention(self, x):
+        def attention_weights(self, x):
             return torch.full((x.shape[0], 1, x.shape[1], x.shape[1]), 1.0 / x.shape[1])
 
     class Other(nn.Module):
@@ -258,13 +243,9 @@ def test_protocol_and_registered_adapter():
             return x + 1
 
     model = nn.Sequential(Toy(), Other())
-    ADAPTERS[Other] = lambda m, args, kwargs: torch.eye(args[0].shape[1])[None, None].expand(args[0].shape[0], 2, -1, -1)
-    try:
-        with capture(model) as rec:
-            model(torch.randn(3, 4, 2))
-    finally:
-        del ADAPTERS[Other]
-    assert [(r.name, r.source, r.heads) for r in rec.records] == [("0", "protocol", 1), ("1", "adapter", 2)]
+    with capture(model) as rec:
+        model(torch.randn(3, 4, 2))
+    assert [(r.name, r.source, r.heads) for r in rec.records] == [("0", "method", 1)]
 
 
 def test_calls_outside_the_model_are_not_recorded(tiny_lm, tokens):

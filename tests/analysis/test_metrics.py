@@ -28,7 +28,7 @@ def sink_module() -> torch.nn.Module:
         for p in m.parameters():
             p.zero_()
         m.q_proj.bias[0] = 1.0  # head 0 query = e_0 for every token
-        m.kv_proj.weight[0, 0] = 200.0  # head 0 key dim 0 = 200 * feature 0
+        m.k_proj.weight[0, 0] = 200.0  # head 0 key dim 0 = 200 * feature 0
         m.out_proj.weight.fill_(0.1)
     return m
 

@@ -2,7 +2,7 @@
 
 * :mod:`~headwise.analysis.capture`: ``with capture(model) as rec`` records attention probabilities and head
   outputs of any model built from headwise modules (observer hook in :func:`headwise.attention`), of
-  :class:`torch.nn.MultiheadAttention` and of variants with an adapter (``linear``, ``lightning``).
+  :class:`torch.nn.MultiheadAttention` and of variants that compute their own (``capabilities.weights="method"``).
 * :mod:`~headwise.analysis.metrics`: entropy, attention distance and spatial profile, special-token attention,
   sinks, pruning / gradient importance, GAAM Importance Factor, head divergence, rollout, flow, KQ/OV circuits.
 * :mod:`~headwise.analysis.clustering`: heads grouped by their attention maps (PCA + k-means).

@@ -2,34 +2,26 @@
 
 ``with capture(model) as rec: model(x)`` records, per attention call, the attention probabilities ``[B, H, n, M]``
 (``n`` the kept queries), the head outputs ``[B, H, N, Dv]`` (before the output projection) and optionally the
-queries and keys. How each kind of module is captured:
+queries and keys. How a module is captured is what it declares (``capabilities.weights`` of a headwise variant,
+:class:`headwise.variants.base.Capabilities`); nothing is tried:
 
-* **Anything that calls** :func:`headwise.attention` (``mha``, ``gqa``, ``mqa``, ``gaam_attention``, ``moh``,
-  ``relu_moh``, ``single_head``, ``cascaded_group``, ``complex`` (its fast path), ``random_features``,
-  ``attention_experts``, ``selective``, ``shared_kv``, ``memory_attention``, ``multiscale_heads``,
-  ``window_cross``, the structured window variants, the softmax steps of ``agent``, ...): through the observer
-  list :data:`headwise.core.attention.OBSERVERS`. The observer receives ``(q, k, v, pattern, scale, out)``;
-  the probabilities are recomputed from ``q``, ``k``, the pattern and the scale by :func:`attention_probs`
-  (materialized scores, the reference formula), so every backend gives the same record. The call is credited
-  to the innermost module running at the time (forward pre-hooks keep a stack of module names); a module that
-  calls attention several times per forward gets records ``call = 0, 1, ...`` (numbered afresh in each forward
-  of the outermost module; calls made outside ``model``'s modules are not recorded).
+* ``"observed"`` -- its attention goes through :func:`headwise.attention` (``mha``, ``gqa``, ``mqa``, ``moh``, the
+  structured windows, ...): the observer list :data:`headwise.core.attention.OBSERVERS` receives ``(q, k, v,
+  pattern, scale, out)`` and the probabilities are recomputed from ``q``, ``k``, the pattern and the scale by
+  :func:`attention_probs` (materialized scores, the reference formula), so every backend gives the same record.
+  The call is credited to the innermost module running at the time (forward pre-hooks keep a stack of module
+  names); a module that calls attention several times per forward gets records ``call = 0, 1, ...`` (numbered
+  afresh in each forward of the outermost module; calls made outside ``model``'s modules are not recorded).
+* ``"method"`` -- the variant computes its own probabilities: ``attention_weights(*forward_args, **forward_kwargs)
+  -> [B, H, N, M]`` is called after its forward (no grad), e.g. the sparse selections (``moba``, ``hip``, ``topk``,
+  ``dma``, ...: zeros off the selection) and linear attention's implicit matrix (``linear``, ``lightning``).
+  Any other module (yours) that defines ``attention_weights`` is captured the same way (``source="method"``).
+* ``"none"`` -- no attention matrix (convolutions, MLP mixers, scans): nothing is recorded for it;
+  :meth:`Recorder.modules` lists what was seen.
 * :class:`torch.nn.MultiheadAttention`: a forward hook runs the module's own ``forward`` a second time (no
   hooks, no grad) with ``need_weights=True, average_attn_weights=False``; the caller's result is the first,
   untouched call. In training mode with attention dropout the recorded weights are a different dropout draw:
   capture in ``eval()`` mode. Head outputs are not recorded for it.
-* **Variants that never call** :func:`headwise.attention`: a module may define the optional protocol method
-  ``inspect_attention(*args, **kwargs) -> Tensor [B, H, N, M]`` (called with the forward's arguments, under
-  ``torch.no_grad()``), or an adapter may be registered in :data:`ADAPTERS` (class -> function
-  ``(module, args, kwargs) -> [B, H, N, M]``). Built in, all by applying the variant's own operator to the values
-  ``V = I`` (its output is then its attention matrix; ``O(N M^2)``, for inspection sizes): ``linear`` and
-  ``lightning`` (the implicit matrix ``s (phi(Q) phi(K)^T * M_decay)``, row-normalised when the variant
-  normalises; via the reference :func:`headwise.linear.naive_linear_attention`), ``moba``, ``vmoba``, ``hip``
-  (their ``attend``), ``topk``, ``dma`` (its value-derived bias from the real values) and ``sparsifiner``: the
-  sparse probabilities, zeros off the selection. Variants with neither (``gaam``'s feature reweighting,
-  ``rcmha``, ``mil_attention``, ``class_semantic``, the vision mixers ``lka``, ``ulsam``, ``spectral``,
-  ``nin_gate``, ``multihead_scan``) record only what they route through the paths above (often nothing);
-  :meth:`Recorder.modules` lists what was seen.
 
 Memory bounds for long sequences: ``max_queries`` keeps that many evenly spaced query rows (their indices are in
 ``record.query_index``), ``topk`` keeps the ``k`` largest probabilities per row (``record.topk_indices``;
@@ -60,8 +52,9 @@ from headwise.core.attention import OBSERVERS
 from headwise.core.checks import default_scale
 from headwise.core.reference import masked_softmax
 from headwise.patterns.base import Pattern
+from headwise.variants.base import Variant
 
-__all__ = ["capture", "Recorder", "AttentionRecord", "attention_probs", "ADAPTERS", "query_subsample", "observing"]
+__all__ = ["capture", "Recorder", "AttentionRecord", "attention_probs", "query_subsample", "observing"]
 
 
 def attention_probs(q: Tensor, k: Tensor, pattern: Pattern | None = None, scale: float | None = None,
@@ -99,7 +92,7 @@ class AttentionRecord:
 
     module: str  # qualified name of the module that made the call ("" for the root)
     call: int  # index of this call among the module's calls in one forward pass (of the outermost module)
-    source: str  # "headwise.attention", "nn.MultiheadAttention", "protocol" or "adapter"
+    source: str  # "headwise.attention" (observed), "method" (attention_weights) or "nn.MultiheadAttention"
     n_queries: int  # N, the full number of query rows
     n_keys: int  # M
     probs: Tensor | None = None  # [B, H, n, M] float32 (float64 for float64 models) (None when only the top-k are kept)
@@ -162,83 +155,11 @@ class Recorder:
         self.records.clear()
 
 
-# ---- adapters for variants that do not call headwise.attention -----------------------------------------------
-
-
-def _recurrent_mixer_weights(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
-    """``linear`` / ``lightning``: the implicit attention matrix, the reference op applied to ``V = I``."""
-    from headwise.linear import naive_linear_attention
-
-    q, k, v, _ = module._project(args[0])  # (B, H, N, D)
-    B, H, N, _ = q.shape
-    eye = torch.eye(N, dtype=q.dtype, device=q.device).expand(B, H, N, N)  # (B, H, N, N)
-    if getattr(module.config, "causal", True):  # lightning is always causal
-        return naive_linear_attention(q, k, eye, module.decay, scale=module.scale, normalize=module.normalize)[0]
-    scores = q @ k.transpose(-1, -2)  # (B, H, N, N) phi(q_i) . phi(k_j), non-causal linear attention
-    from headwise.linear.base import NORMALIZER_EPS
-
-    return scores / (scores.sum(-1, keepdim=True) + NORMALIZER_EPS)
-
-
-def _identity_values(k: Tensor) -> Tensor:
-    """``V = I`` ``[B, H_kv, M, M]``: an attention op applied to it returns its probabilities ``[B, H, N, M]``."""
-    B, H_kv, M, _ = k.shape
-    return torch.eye(M, dtype=k.dtype, device=k.device).expand(B, H_kv, M, M)
-
-
-def _block_select_weights(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
-    """``moba`` / ``vmoba`` / ``hip``: the module's own ``attend(q, k, V = I)``."""
-    q, k, _ = module.project(args[0])
-    return module.attend(q, k, _identity_values(k))
-
-
-def _topk_weights(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
-    from headwise.variants.dynamic import topk_attention
-
-    q, k, _ = module.project(args[0], args[1] if len(args) > 1 else kwargs.get("context"))
-    return topk_attention(q, k, _identity_values(k), module.topk, causal=module.causal)
-
-
-def _dma_weights(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
-    from headwise.variants.dynamic import dma_attention
-
-    q, k, v = module.project(args[0])
-    z = module.dynamic_bias(v)  # the bias comes from the real values
-    return dma_attention(q, k, _identity_values(k), z, module.window, module.causal, block=module.block)
-
-
-def _sparsifiner_weights(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
-    from headwise.variants.dynamic import keep_attention
-
-    q, k, _ = module._tokens(args[0])
-    return keep_attention(q, k, _identity_values(k), module.connectivity_mask(q, k))
-
-
-def _builtin_adapters() -> dict[type, Callable]:
-    from headwise.variants.linear import LightningAttention, LinearAttention
-
-    table: dict[type, Callable] = {LightningAttention: _recurrent_mixer_weights, LinearAttention: _recurrent_mixer_weights}
-    try:  # the dynamic-sparsity families (absent in older trees)
-        from headwise.variants.dynamic import DynamicMaskAttention, Sparsifiner, TopKAttention
-        from headwise.variants.mixture_of_blocks import _BlockSelectAttention
-    except ImportError:  # pragma: no cover
-        return table
-    table.update({_BlockSelectAttention: _block_select_weights, TopKAttention: _topk_weights,
-                  DynamicMaskAttention: _dma_weights, Sparsifiner: _sparsifiner_weights})
-    return table
-
-
-ADAPTERS: dict[type, Callable[[nn.Module, tuple, dict], Tensor]] = {}  # user additions; built-ins added lazily
-
-
-def _adapter_for(module: nn.Module) -> Callable | None:
-    if callable(getattr(module, "inspect_attention", None)):
-        return lambda m, args, kwargs: m.inspect_attention(*args, **kwargs)
-    table = {**_builtin_adapters(), **ADAPTERS}
-    for cls in type(module).__mro__:
-        if cls in table:
-            return table[cls]
-    return None
+def _computes_its_weights(module: nn.Module) -> bool:
+    """The module declares ``weights="method"`` (headwise variants), or defines ``attention_weights`` (others)."""
+    if isinstance(module, Variant):
+        return module.caps.weights == "method"
+    return callable(getattr(module, "attention_weights", None))
 
 
 # ---- capture --------------------------------------------------------------------------------------------------
@@ -262,15 +183,15 @@ def observing(fn: Callable) -> Iterator[None]:
             OBSERVERS.remove(fn)
 
 
-def _check_options(max_queries, topk, adapter_max_tokens) -> None:
-    for name, value in (("max_queries", max_queries), ("topk", topk), ("adapter_max_tokens", adapter_max_tokens)):
+def _check_options(max_queries, topk, weights_max_tokens) -> None:
+    for name, value in (("max_queries", max_queries), ("topk", topk), ("weights_max_tokens", weights_max_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int or None, got {name}={value!r}")
 
 
 @contextmanager
 def capture(model: nn.Module, *, max_queries: int | None = None, topk: int | None = None, keep_outputs: bool = True,
-            keep_qk: bool = False, adapter_max_tokens: int = 2048) -> Iterator[Recorder]:
+            keep_qk: bool = False, weights_max_tokens: int = 2048) -> Iterator[Recorder]:
     """Record every attention call inside ``model`` while the ``with`` block runs (see the module docstring).
 
     Args:
@@ -279,17 +200,19 @@ def capture(model: nn.Module, *, max_queries: int | None = None, topk: int | Non
         topk: keep only the ``topk`` largest probabilities of each row (None: the whole row).
         keep_outputs: record the head outputs ``[B, H, N, Dv]`` (headwise.attention calls).
         keep_qk: also record the queries and keys.
-        adapter_max_tokens: adapters (the ``V = I`` reconstructions, ``O(N M^2)``) are skipped, with a warning,
-            when the module's input has more tokens than this.
+        weights_max_tokens: ``attention_weights`` methods (which materialize ``[B, H, N, M]``, often by applying the
+            attention to identity values, ``O(N M^2)``) are skipped, with a warning, when the module's input has
+            more tokens than this.
 
     The model's outputs and gradients are unchanged (records are computed under ``torch.no_grad()`` from detached
     tensors). Hooks and the observer are removed on exit, also after an exception.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_options(max_queries, topk, adapter_max_tokens)
+    _check_options(max_queries, topk, weights_max_tokens)
     rec = Recorder()
     names = {id(m): n for n, m in model.named_modules()}
+    by_method = {n for n, m in model.named_modules() if _computes_its_weights(m)}  # recorded by attention_weights
     stack: list[str] = []
     calls: dict[str, int] = {}
     replaying = [False]
@@ -306,7 +229,9 @@ def capture(model: nn.Module, *, max_queries: int | None = None, topk: int | Non
         rec.records.append(r)
 
     def observe(q, k, v, pattern, scale, out) -> None:
-        if replaying[0] or not stack:  # an adapter's own work, or a call from outside the model
+        if replaying[0] or not stack:  # an attention_weights method's own work, or a call from outside the model
+            return
+        if stack[-1] in by_method:  # a module that gives its weights itself: its inner calls are not its attention
             return
         with torch.no_grad():
             rows = query_subsample(q.shape[2], max_queries)
@@ -343,25 +268,23 @@ def capture(model: nn.Module, *, max_queries: int | None = None, topk: int | Non
         add(names[id(module)], "nn.MultiheadAttention", weights if rows is None else weights[:, :, rows], rows,
             weights.shape[2])
 
-    def adapted(adapter, source):
-        def hook(module, args, kwargs, output):
-            if replaying[0]:
-                return
-            n = args[0].shape[1] if args and isinstance(args[0], Tensor) and args[0].dim() >= 2 else 0
-            if n > adapter_max_tokens:
-                warnings.warn(f"capture: {names[id(module)]!r} ({type(module).__name__}) not recorded: its adapter "
-                              f"builds the full matrix and the input has {n} > {adapter_max_tokens=} tokens")
-                return
-            replaying[0] = True  # an adapter may call the module's own pieces
-            try:
-                with torch.no_grad():
-                    weights = adapter(module, args, kwargs)  # (B, H, N, M)
-            finally:
-                replaying[0] = False
-            rows = query_subsample(weights.shape[2], max_queries)
-            add(names[id(module)], source, weights if rows is None else weights[:, :, rows], rows, weights.shape[2])
-
-        return hook
+    def method_hook(module, args, kwargs, output):
+        if replaying[0]:
+            return
+        n = args[0].shape[1] if args and isinstance(args[0], Tensor) and args[0].dim() >= 2 else 0
+        if n > weights_max_tokens:
+            warnings.warn(f"capture: {names[id(module)]!r} ({type(module).__name__}) not recorded: its "
+                          f"attention_weights builds the full matrix and the input has {n} > {weights_max_tokens=} "
+                          f"tokens")
+            return
+        replaying[0] = True  # attention_weights may run the module's own pieces (and headwise.attention)
+        try:
+            with torch.no_grad():
+                weights = module.attention_weights(*args, **kwargs)  # (B, H, N, M)
+        finally:
+            replaying[0] = False
+        rows = query_subsample(weights.shape[2], max_queries)
+        add(names[id(module)], "method", weights if rows is None else weights[:, :, rows], rows, weights.shape[2])
 
     handles = []
     try:
@@ -370,11 +293,8 @@ def capture(model: nn.Module, *, max_queries: int | None = None, topk: int | Non
             handles.append(module.register_forward_hook(pop, always_call=True))
             if isinstance(module, nn.MultiheadAttention):
                 handles.append(module.register_forward_hook(torch_mha, with_kwargs=True))
-            else:
-                adapter = _adapter_for(module)
-                if adapter is not None:
-                    source = "protocol" if callable(getattr(module, "inspect_attention", None)) else "adapter"
-                    handles.append(module.register_forward_hook(adapted(adapter, source), with_kwargs=True))
+            elif _computes_its_weights(module):
+                handles.append(module.register_forward_hook(method_hook, with_kwargs=True))
         with observing(observe):
             yield rec
     finally:

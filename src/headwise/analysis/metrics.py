@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from headwise.analysis.capture import capture
 from headwise.analysis.interventions import head_modules, prune_heads, scale_heads
+from headwise.variants.base import Variant
 
 __all__ = [
     "entropy",
@@ -346,18 +347,24 @@ def attention_flow(maps: Sequence[Tensor], sources: Sequence[int] | None = None,
 # ---- weights: KQ and OV circuits ----------------------------------------------------------------------------
 
 
+def is_softmax_attention(module: nn.Module) -> bool:
+    """A headwise variant whose attention step is plain softmax attention between per-token projections."""
+    return isinstance(module, Variant) and module.caps.softmax
+
+
 def kq_ov_circuits(module: nn.Module) -> tuple[Tensor, Tensor]:
-    """Per-head bilinear forms of a :class:`headwise.MultiHeadAttention`-like module (``q_proj``, ``kv_proj``,
-    ``out_proj``, ``heads``, ``kv_heads``, ``head_dim``): ``KQ [H, C, C]`` with ``score_h(i, j) = x_i^T KQ_h x_j``
-    (``W_Q,h^T W_K,g(h)``, before the ``1/sqrt(D)`` scale; biases left out) and ``OV [H, C, C]`` with head ``h``
-    writing ``OV_h x_j`` for each unit of attention on token ``j`` (``W_O,h W_V,g(h)``)."""
-    for attr in ("q_proj", "kv_proj", "out_proj", "heads", "kv_heads", "head_dim"):
-        if not hasattr(module, attr):
-            raise TypeError(f"{type(module).__name__} has no {attr!r}: kq_ov_circuits reads MultiHeadAttention-like "
-                            "modules (q_proj, kv_proj, out_proj)")
+    """Per-head bilinear forms of a softmax attention variant (``capabilities.softmax``: ``mha``, ``gqa``, ``mqa``,
+    ``moa``; its ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``): ``KQ [H, C, C]`` with
+    ``score_h(i, j) = x_i^T KQ_h x_j`` (``W_Q,h^T W_K,g(h)``, before the ``1/sqrt(D)`` scale; biases left out) and
+    ``OV [H, C, C]`` with head ``h`` writing ``OV_h x_j`` for each unit of attention on token ``j``
+    (``W_O,h W_V,g(h)``)."""
+    if not is_softmax_attention(module):
+        raise TypeError(f"kq_ov_circuits reads softmax attention variants (capabilities.softmax: mha, gqa, mqa, moa), "
+                        f"got {type(module).__name__}")
     H, Hkv, D = module.heads, module.kv_heads, module.head_dim
     wq = module.q_proj.weight.detach().unflatten(0, (H, D))  # (H, D, C)
-    wk, wv = module.kv_proj.weight.detach().unflatten(0, (2, Hkv, D))  # (Hkv, D, C) each
+    wk = module.k_proj.weight.detach().unflatten(0, (Hkv, D))  # (Hkv, D, C)
+    wv = module.v_proj.weight.detach().unflatten(0, (Hkv, D))  # (Hkv, D, C)
     g = torch.arange(H) // (H // Hkv)
     wo = module.out_proj.weight.detach().unflatten(1, (H, D)).transpose(0, 1)  # (H, C, D)
     return wq.transpose(1, 2) @ wk[g], wo @ wv[g]

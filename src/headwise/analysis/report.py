@@ -167,7 +167,7 @@ def inspect_model(subject: Subject, out: str | Path, *, max_queries: int | None 
     if subject.icl_dim is not None:
         for name, module in heads_by_module.items():
             layer = _layer_of(name, layers)
-            if layer is not None and hasattr(module, "q_proj") and hasattr(module, "kv_proj"):
+            if layer is not None and M.is_softmax_attention(module):
                 stats = M.icl_patterns(*M.kq_ov_circuits(module), subject.icl_dim)
                 layers[layer].update({k: _list(v) if v.dim() else (float(v) if math.isfinite(v) else None)
                                      for k, v in stats.items()})

@@ -59,7 +59,7 @@ from headwise.patterns import Causal, Pattern, from_spec
 
 __all__ = ["Capabilities", "Variant", "ProjectedAttention", "SoftmaxAttention", "LAYOUTS", "CAUSAL_MODES",
            "GRID_NEEDS", "OUTPUTS", "WEIGHTS", "check_backend", "resolve_pattern", "key_value_projections",
-           "split_kv_proj"]
+           "split_kv_proj", "identity_values"]
 
 LAYOUTS = ("tokens", "image", "set")
 CAUSAL_MODES = ("none", "optional", "always")
@@ -382,15 +382,20 @@ class ProjectedAttention(Variant):
         """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
         return self.finish(self.attend(*self.project(x)))
 
-    def attention_weights(self, x: Tensor) -> Tensor:
-        """The attention probabilities ``[B, H, N, N]`` of self-attention over ``x`` ``[B, N, C]``: the attention
-        step applied to identity values ``V = I`` (its output is then its attention matrix; exact for every step
-        linear in ``v``; ``O(N^2)`` memory, for inspection sizes). What ``inspect`` records for variants that
-        declare ``weights="method"``."""
-        q, k, _ = self.project(x)
-        B, H_kv, M, _ = k.shape
-        eye = torch.eye(M, dtype=k.dtype, device=k.device).expand(B, H_kv, M, M)  # (B, H_kv, M, M)
-        return self.attend(q, k, eye)  # (B, H, N, M)
+    def attention_weights(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The attention probabilities ``[B, H, N, M]`` from ``x`` ``[B, N, C]`` to ``context`` (``x`` when None):
+        the attention step applied to identity values ``V = I`` (:func:`identity_values`; its output is then its
+        attention matrix, exact for every step linear in ``v``; ``O(M^2)`` memory, for inspection sizes). What
+        ``inspect`` records for variants that declare ``weights="method"``."""
+        q, k, _ = self.project(x) if context is None else self.project(x, context)
+        return self.attend(q, k, identity_values(k))  # (B, H, N, M)
+
+
+def identity_values(k: Tensor) -> Tensor:
+    """``V = I`` ``[B, H_kv, M, M]`` for keys ``k`` ``[B, H_kv, M, D]``: an attention step applied to it returns its
+    attention probabilities ``[B, H, N, M]``."""
+    B, H_kv, M, _ = k.shape
+    return torch.eye(M, dtype=k.dtype, device=k.device).expand(B, H_kv, M, M)  # (B, H_kv, M, M)
 
 
 def key_value_projections(dim: int, features: int, *, bias: bool = True) -> tuple[nn.Linear, nn.Linear]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from headwise.checks import check_bool, check_choice, check_positive_int
 from headwise.ops.dma import dma_attention, naive_dma_attention
-from headwise.variants.base import Capabilities, ProjectedAttention
+from headwise.variants.base import Capabilities, ProjectedAttention, identity_values
 from headwise.variants.registry import register
 
 __all__ = ["DynamicMaskAttention", "naive_dma", "BIAS_FORMS"]
@@ -111,9 +111,7 @@ class DynamicMaskAttention(ProjectedAttention):
         """The attention probabilities ``[B, H, N, N]``: the attention applied to identity values, with the bias
         (and so the selection) computed from the real values."""
         q, k, v = self.project(x)
-        B, H_kv, M, _ = k.shape
-        eye = torch.eye(M, dtype=k.dtype, device=k.device).expand(B, H_kv, M, M)  # (B, H_kv, M, M)
-        return self._attend(q, k, eye, self.dynamic_bias(v))  # (B, H, N, M)
+        return self._attend(q, k, identity_values(k), self.dynamic_bias(v))  # (B, H, N, M)
 
 
 def naive_dma(m: DynamicMaskAttention, x: Tensor) -> Tensor:

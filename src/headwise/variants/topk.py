@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from headwise.checks import check_bool, check_positive_int
@@ -76,11 +75,3 @@ class TopKAttention(ProjectedAttention):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Attend from ``x`` ``[B, N, C]`` to ``context`` ``[B, M, C]`` (``x`` itself when None) -> ``[B, N, C]``."""
         return self.finish(self.attend(*self.project(x, context)))
-
-    def attention_weights(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """The attention probabilities ``[B, H, N, M]`` from ``x`` to ``context`` (``x`` when None): the top-k
-        attention applied to identity values (zero off each query's kept keys)."""
-        q, k, _ = self.project(x, context)
-        B, H_kv, M, _ = k.shape
-        eye = torch.eye(M, dtype=k.dtype, device=k.device).expand(B, H_kv, M, M)  # (B, H_kv, M, M)
-        return self.attend(q, k, eye)  # (B, H, N, M)
