@@ -167,7 +167,7 @@ class Recorder:
 
 def _recurrent_mixer_weights(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
     """``linear`` / ``lightning``: the implicit attention matrix, the reference op applied to ``V = I``."""
-    from headwise.linear import naive_linear_attention
+    from headwise.ops.linear import naive_linear_attention
 
     q, k, v, _ = module._project(args[0])  # (B, H, N, D)
     B, H, N, _ = q.shape
@@ -175,7 +175,7 @@ def _recurrent_mixer_weights(module: nn.Module, args: tuple, kwargs: dict) -> Te
     if getattr(module.config, "causal", True):  # lightning is always causal
         return naive_linear_attention(q, k, eye, module.decay, scale=module.scale, normalize=module.normalize)[0]
     scores = q @ k.transpose(-1, -2)  # (B, H, N, N) phi(q_i) . phi(k_j), non-causal linear attention
-    from headwise.linear.base import NORMALIZER_EPS
+    from headwise.ops.linear.base import NORMALIZER_EPS
 
     return scores / (scores.sum(-1, keepdim=True) + NORMALIZER_EPS)
 
@@ -215,7 +215,8 @@ def _sparsifiner_weights(module: nn.Module, args: tuple, kwargs: dict) -> Tensor
 
 
 def _builtin_adapters() -> dict[type, Callable]:
-    from headwise.variants.linear import LightningAttention, LinearAttention
+    from headwise.variants.lightning import LightningAttention
+    from headwise.variants.linear import LinearAttention
 
     table: dict[type, Callable] = {LightningAttention: _recurrent_mixer_weights, LinearAttention: _recurrent_mixer_weights}
     try:  # the dynamic-sparsity families (absent in older trees)

@@ -37,7 +37,7 @@ import torch
 import headwise
 from headwise.bench.patterns import Column, print_report, fmt_ms, markdown_table, plain_rich_table
 from headwise.bench.timing import environment, time_call
-from headwise.linear import chunk_linear_attention, decay_rates, naive_linear_attention
+from headwise.ops.linear import chunk_linear_attention, decay_rates, naive_linear_attention
 from headwise.patterns import Causal
 
 __all__ = ["run", "summarize", "to_markdown", "to_rich_table", "add_arguments", "main", "IMPLS", "PASSES"]
