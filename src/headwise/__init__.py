@@ -6,7 +6,8 @@
 >>> m = headwise.create("mha", dim=512, heads=8)                    # nn.Module, [B, N, C] -> [B, N, C]
 """
 
-from headwise import linear, patterns
+from headwise import patterns
+from headwise.ops import linear
 from headwise.core import attention, merge_attention
 from headwise.variants import available, create, register
 from headwise.variants.mha import MultiHeadAttention

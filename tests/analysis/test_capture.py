@@ -186,14 +186,14 @@ def test_linear_adapter_weights_reproduce_the_head_outputs(spec):
     assert r.source == "adapter" and r.probs.shape == (2, 4, 9, 9)
     o = r.probs @ v  # what the implicit attention matrix does to the values
     if spec == "lightning":
-        from headwise.linear import naive_linear_attention
+        from headwise.ops.linear import naive_linear_attention
 
         ref = naive_linear_attention(q, k, v, m.decay, scale=m.scale)[0]
     else:
         kv = k.transpose(-1, -2) @ v
         ref = (q @ kv) / (q @ k.sum(2, keepdim=True).transpose(-1, -2) + 1e-6) if spec == "linear" else None
         if ref is None:
-            from headwise.linear import naive_linear_attention
+            from headwise.ops.linear import naive_linear_attention
 
             ref = naive_linear_attention(q, k, v, None, normalize=True)[0]
     torch.testing.assert_close(o, ref, rtol=1e-10, atol=1e-10)

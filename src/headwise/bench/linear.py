@@ -38,7 +38,7 @@ import headwise
 from headwise.console import add_report_arguments, stderr_progress
 from headwise.tables import Column, fmt_ms, markdown_table, plain_rich_table, print_report
 from headwise.bench.timing import environment, time_call
-from headwise.linear import chunk_linear_attention, decay_rates, naive_linear_attention
+from headwise.ops.linear import chunk_linear_attention, decay_rates, naive_linear_attention
 from headwise.patterns import Causal
 
 __all__ = ["run", "summarize", "to_markdown", "to_rich_table", "add_arguments", "main", "IMPLS", "PASSES"]

@@ -175,7 +175,7 @@ class ConvWindow(Neighborhood):
     The schedule is :class:`Neighborhood`'s (dilation groups made contiguous by token permutation).
 
     TiC's multi-directional cyclic shift is :class:`CyclicShift` around this pattern; its inter-pooling is in the
-    ``msa_conv`` module (:class:`headwise.variants.structured.MSAConv`).
+    ``msa_conv`` module (:class:`headwise.variants.msa_conv.MSAConv`).
     """
 
     def __init__(self, grid, kernel_size, dilation=1):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from headwise.linear.base import NORMALIZER_EPS, check_linear_inputs, with_normalizer
+from headwise.ops.linear.base import NORMALIZER_EPS, check_linear_inputs, with_normalizer
 
 __all__ = ["naive_linear_attention"]
 
@@ -23,8 +23,8 @@ def naive_linear_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """``O = s ((Q K^T) * M) V`` with ``M_ij = lambda_h^(i-j)`` for ``i >= j`` (else 0): the readable reference.
 
-    Same arguments and results as :func:`headwise.linear.chunk_linear_attention` (see there and
-    :mod:`headwise.linear.base` for the equations); computes every score, so use it for checking only.
+    Same arguments and results as :func:`headwise.ops.linear.chunk_linear_attention` (see there and
+    :mod:`headwise.ops.linear.base` for the equations); computes every score, so use it for checking only.
     """
     lam = check_linear_inputs(q, k, v, decay, scale, normalize, initial_state)
     B, H, N, D = q.shape

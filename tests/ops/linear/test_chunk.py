@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import headwise.linear.chunk as chunk_module
-from headwise.linear import chunk_linear_attention, decay_rates, naive_linear_attention, recurrent_linear_attention
+import headwise.ops.linear.chunk as chunk_module
+from headwise.ops.linear import chunk_linear_attention, decay_rates, naive_linear_attention, recurrent_linear_attention
 
 F64 = torch.float64
 LENGTHS = [1, 63, 500, 1031]  # one token, one partial block, blocks + tail (all heads at once), segments per head

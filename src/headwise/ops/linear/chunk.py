@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from headwise.linear.base import apply_normalizer, check_linear_inputs, with_normalizer
+from headwise.ops.linear.base import apply_normalizer, check_linear_inputs, with_normalizer
 
 __all__ = ["chunk_linear_attention"]
 
@@ -74,7 +74,7 @@ def chunk_linear_attention(
         q, k: ``[B, H, N, D]`` queries and keys, already passed through the feature map (Lightning uses SiLU).
         v: ``[B, H, N, Dv]`` values.
         decay: per-head ``lambda`` in (0, 1], a ``(H,)`` tensor or one float for all heads; ``None`` or 1 is no
-            decay (plain causal linear attention). :func:`headwise.linear.decay_rates` gives the papers' values.
+            decay (plain causal linear attention). :func:`headwise.ops.linear.decay_rates` gives the papers' values.
             A constant: it receives no gradient.
         scale: ``s``, multiplies the scores. Default 1: the Lightning / TransNormerLLM convention (no scaling,
             the output is normalized by the layer's RMS norm afterwards). Pass ``D ** -0.5`` for the softmax /
@@ -95,7 +95,7 @@ def chunk_linear_attention(
 
     Example:
         >>> import torch
-        >>> from headwise.linear import chunk_linear_attention, decay_rates
+        >>> from headwise.ops.linear import chunk_linear_attention, decay_rates
         >>> q, k, v = (torch.randn(1, 8, 4096, 64).sigmoid() for _ in range(3))    # [B, H, N, D]
         >>> o, state = chunk_linear_attention(q, k, v, decay_rates(8), output_final_state=True)
         >>> o2, _ = chunk_linear_attention(q, k, v, decay_rates(8), initial_state=state)  # continue

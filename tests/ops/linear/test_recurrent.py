@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headwise.linear import chunk_linear_attention, recurrent_linear_attention
+from headwise.ops.linear import chunk_linear_attention, recurrent_linear_attention
 
 
 @pytest.mark.parametrize("state", [False, True], ids=["zero-state", "initial-state"])

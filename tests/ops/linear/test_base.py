@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from headwise.linear import alibi_slopes, decay_rates
-from headwise.linear.base import NORMALIZER_EPS, apply_normalizer, with_normalizer
+from headwise.ops.linear import alibi_slopes, decay_rates
+from headwise.ops.linear.base import NORMALIZER_EPS, apply_normalizer, with_normalizer
 
 
 def test_alibi_slopes_power_of_two():

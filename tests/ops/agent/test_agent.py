@@ -1,20 +1,14 @@
-"""agent_attention: the two softmax steps, with the agent biases folded into the dot products."""
+"""agent_attention: the two softmax steps, with the agent biases folded into the dot products, against
+naive_agent_attention (both softmax matrices materialized)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from headwise.linear import agent_attention
+from headwise.ops.agent import agent_attention, naive_agent_attention
 
 F64 = torch.float64
-
-
-def explicit(q, k, v, agents, agent_bias, query_bias, s):
-    """sigma(s Q A^T + B2) sigma(s A K^T + B1) V with the softmaxes materialized."""
-    p_agents = torch.softmax(s * agents @ k.transpose(-1, -2) + (0 if agent_bias is None else agent_bias), -1)
-    p_queries = torch.softmax(s * q @ agents.transpose(-1, -2) + (0 if query_bias is None else query_bias), -1)
-    return p_queries @ (p_agents @ v)
 
 
 def inputs(B, H, N, n, D=8, Dv=6, seed=0):
@@ -36,7 +30,7 @@ def test_biases_fold_into_attention(backend, N, n, batched_bias):
     query_bias = torch.randn(*lead, N, n, generator=g, dtype=F64)
     leaves = [t.requires_grad_() for t in (q, k, v, agents, agent_bias, query_bias)]
     got = agent_attention(q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=0.3, backend=backend)
-    want = explicit(q, k, v, agents, agent_bias, query_bias, 0.3)
+    want = naive_agent_attention(q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=0.3)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     w = torch.randn(want.shape, generator=g, dtype=F64)
     for a, b in zip(torch.autograd.grad((got * w).sum(), leaves), torch.autograd.grad((want * w).sum(), leaves)):
@@ -45,7 +39,7 @@ def test_biases_fold_into_attention(backend, N, n, batched_bias):
 
 def test_without_biases_default_scale():
     q, k, v, agents, _ = inputs(1, 2, 40, 5)
-    torch.testing.assert_close(agent_attention(q, k, v, agents), explicit(q, k, v, agents, None, None, 8 ** -0.5),
+    torch.testing.assert_close(agent_attention(q, k, v, agents), naive_agent_attention(q, k, v, agents, scale=8 ** -0.5),
                                rtol=1e-10, atol=1e-10)
 
 

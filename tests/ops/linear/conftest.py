@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from headwise.linear import decay_rates, naive_linear_attention
+from headwise.ops.linear import decay_rates, naive_linear_attention
 
 F64 = torch.float64
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headwise.linear import naive_linear_attention
-from headwise.linear.base import NORMALIZER_EPS
+from headwise.ops.linear import naive_linear_attention
+from headwise.ops.linear.base import NORMALIZER_EPS
 
 F64 = torch.float64
 

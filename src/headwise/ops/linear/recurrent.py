@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from headwise.linear.base import apply_normalizer, check_linear_inputs, with_normalizer
+from headwise.ops.linear.base import apply_normalizer, check_linear_inputs, with_normalizer
 
 __all__ = ["recurrent_linear_attention"]
 
@@ -23,12 +23,12 @@ def recurrent_linear_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """The recurrence ``S_i = lambda S_{i-1} + k_i^T v_i``, ``o_i = s q_i S_i``, one token at a time.
 
-    Same arguments and results as :func:`headwise.linear.chunk_linear_attention`. O(N) Python steps: use it to
+    Same arguments and results as :func:`headwise.ops.linear.chunk_linear_attention`. O(N) Python steps: use it to
     decode (``N = 1`` per call, the state carried between calls), the chunked op for a prompt or training.
 
     Example:
         >>> import torch
-        >>> from headwise.linear import recurrent_linear_attention, decay_rates
+        >>> from headwise.ops.linear import recurrent_linear_attention, decay_rates
         >>> q = k = v = torch.randn(1, 8, 1, 64)                         # one new token, [B, H, 1, D]
         >>> state = torch.zeros(1, 8, 64, 64)                             # [B, H, D, Dv]
         >>> o, state = recurrent_linear_attention(q, k, v, decay_rates(8), initial_state=state,

@@ -1,4 +1,5 @@
-"""Agent Attention's two softmax steps (agent aggregation, agent broadcast), through :func:`headwise.attention`."""
+"""Agent Attention's two softmax steps (agent aggregation, agent broadcast), through :func:`headwise.attention`: the
+fast path (the reference is :func:`headwise.ops.agent.naive_agent_attention`)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def agent_attention(
 
     with ``sigma`` the row softmax: a generalized linear attention with feature maps
     ``phi_q(Q) = sigma(s Q A^T + B_2)`` and ``phi_k(K)^T = sigma(s A K^T + B_1)``, O(N n) time and memory. (The
-    module :class:`headwise.variants.linear.AgentAttention` adds the pooling of agents from the queries and the
+    module :class:`headwise.variants.agent.AgentAttention` adds the pooling of agents from the queries and the
     depthwise-convolution term.)
 
     Args:
@@ -52,7 +53,7 @@ def agent_attention(
 
     Example:
         >>> import torch
-        >>> from headwise.linear import agent_attention
+        >>> from headwise.ops.agent import agent_attention
         >>> q = k = v = torch.randn(2, 8, 3136, 64)                         # [B, H, N, D], a 56 x 56 grid
         >>> agents = torch.nn.functional.adaptive_avg_pool1d(q.flatten(0, 1).transpose(1, 2), 49)
         >>> out = agent_attention(q, k, v, agents.transpose(1, 2).reshape(2, 8, 49, 64))   # [2, 8, 3136, 64]
