@@ -86,7 +86,7 @@ def test_capture_leaves_outputs_bitwise_unchanged(name):
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
     assert OBSERVERS == []
     for r in rec.records:  # softmax records are distributions over keys (or fully masked rows)
-        if r.source == "method" and name == "lightning":  # its implicit matrix has no denominator, by design
+        if module.caps.weights == "scores":  # lightning's implicit matrix has no denominator, by design
             continue
         rows = r.probs.sum(-1)
         assert torch.all(((rows - 1).abs() < 1e-5) | (rows == 0)), r.name
@@ -103,7 +103,7 @@ def test_declared_weights_capability_is_what_capture_records(name):
     declared = module.caps.weights
     if declared == "none":
         assert sources == set(), f"{name} declares weights='none' but records {sources}"
-    elif declared == "method":
+    elif declared in ("method", "scores"):
         assert sources == {"method"} and len(rec.records) == 1, f"{name}: {sources}"
     else:
         assert sources == {"headwise.attention"}, f"{name} declares weights='observed' but records {sources}"
@@ -175,15 +175,15 @@ def test_torch_encoder_layer_is_captured():
 
 
 @pytest.mark.parametrize("spec", ["linear", "linear(causal=True)", "lightning"])
-def test_linear_adapter_weights_reproduce_the_head_outputs(spec):
+def test_linear_attention_weights_reproduce_the_head_outputs(spec):
     torch.manual_seed(0)
     m = headwise.create(spec, dim=32, heads=4).double().eval()
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     with torch.no_grad(), capture(m) as rec:
         m(x)
-        q, k, v, _ = m._project(x)
+        q, k, v, _ = m.features(x)
     r = rec.records[0]
-    assert r.source == "adapter" and r.probs.shape == (2, 4, 9, 9)
+    assert r.source == "method" and r.probs.shape == (2, 4, 9, 9)
     o = r.probs @ v  # what the implicit attention matrix does to the values
     if spec == "lightning":
         from headwise.ops.linear import naive_linear_attention

@@ -163,7 +163,7 @@ def test_declared_decoding_reproduces_the_forward(name):
 
 
 @pytest.mark.parametrize("name", _declaring(lambda c: c.weights == "method"))
-def test_declared_attention_weights_are_probabilities(name):
+def test_declared_attention_weights_are_probabilities(name):  # ("scores": unnormalised, checked in its own tests)
     m = _module(name)
     x = m.example()[0]
     with torch.no_grad():
@@ -172,7 +172,8 @@ def test_declared_attention_weights_are_probabilities(name):
     assert w.dim() == 4 and w.shape[0] == B and w.shape[2] == N, f"{name}: weights {tuple(w.shape)}"
     assert (w >= -1e-12).all()
     rows = w.sum(-1)
-    assert (((rows - 1).abs() < 1e-9) | (rows.abs() < 1e-12)).all(), f"{name}: rows do not sum to 1 (or 0)"
+    # 1 (or 0 for a query with no key) up to 1e-6: linear attention's normaliser carries an eps of 1e-6 / S
+    assert (((rows - 1).abs() < 1e-6) | (rows.abs() < 1e-12)).all(), f"{name}: rows do not sum to 1 (or 0)"
 
 
 @pytest.mark.parametrize("name", _declaring(lambda c: c.softmax))

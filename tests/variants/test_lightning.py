@@ -107,7 +107,7 @@ def test_attention_weights_are_the_mixing_matrix():
 
 def test_capabilities():
     caps = headwise.create("lightning", dim=16, heads=2).caps
-    assert (caps.causal, caps.decode, caps.weights, caps.grid) == ("always", True, "method", "none")
+    assert (caps.causal, caps.decode, caps.weights, caps.grid) == ("always", True, "scores", "none")
 
 
 def test_old_keywords_still_work_and_warn():

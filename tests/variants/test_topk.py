@@ -72,7 +72,7 @@ def test_old_checkpoint_with_mha_keys_loads(fused):
 @pytest.mark.parametrize(
     "call, error, fragment",
     [
-        (lambda: headwise.create("topk(causal='yes')", dim=16, heads=2), TypeError, "causal must be a bool, got causal='yes'"),
+        (lambda: headwise.create("topk(causal='yes')", dim=16, heads=2), ValueError, "causal must be a bool, got causal='yes'"),
         (lambda: headwise.create("topk(topk=0)", dim=16, heads=2), ValueError, "topk must be a positive int, got topk=0"),
         (lambda: TopKAttention(16, 2, causal=True)(torch.zeros(1, 5, 16), torch.zeros(1, 4, 16)), ValueError,
          "causal attention needs as many queries as keys"),

@@ -14,7 +14,8 @@ queries and keys. How a module is captured is what it declares (``capabilities.w
   afresh in each forward of the outermost module; calls made outside ``model``'s modules are not recorded).
 * ``"method"`` -- the variant computes its own probabilities: ``attention_weights(*forward_args, **forward_kwargs)
   -> [B, H, N, M]`` is called after its forward (no grad), e.g. the sparse selections (``moba``, ``hip``, ``topk``,
-  ``dma``, ...: zeros off the selection) and linear attention's implicit matrix (``linear``, ``lightning``).
+  ``dma``, ...: zeros off the selection) and linear attention's normalised matrix (``linear``). ``"scores"``: the
+  same, but the matrix is a signed, unnormalised mixing matrix (``lightning``: ``(Q K^T) * M`` before its norm).
   Any other module (yours) that defines ``attention_weights`` is captured the same way (``source="method"``).
 * ``"none"`` -- no attention matrix (convolutions, MLP mixers, scans): nothing is recorded for it;
   :meth:`Recorder.modules` lists what was seen.
@@ -156,9 +157,10 @@ class Recorder:
 
 
 def _computes_its_weights(module: nn.Module) -> bool:
-    """The module declares ``weights="method"`` (headwise variants), or defines ``attention_weights`` (others)."""
+    """The module declares ``weights="method"`` or ``"scores"`` (headwise variants), or defines
+    ``attention_weights`` (others)."""
     if isinstance(module, Variant):
-        return module.caps.weights == "method"
+        return module.caps.weights in ("method", "scores")
     return callable(getattr(module, "attention_weights", None))
 
 

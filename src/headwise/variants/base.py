@@ -65,7 +65,7 @@ LAYOUTS = ("tokens", "image", "set")
 CAUSAL_MODES = ("none", "optional", "always")
 GRID_NEEDS = ("none", "optional", "required")
 OUTPUTS = ("tensor", "tuple")
-WEIGHTS = ("observed", "method", "none")
+WEIGHTS = ("observed", "method", "scores", "none")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Capabilities:
     output: str = "tensor"  # "tensor": y; "tuple": (y, extras...) with y first
     mixer: bool = True  # y has x's shape: a token mixer that can replace attention inside a block
     decode: bool = False  # prefill(x) -> (y, state) and step(x_t, state) -> (y_t, state) reproduce forward
-    weights: str = "observed"  # inspect sees the probabilities: "observed" (calls headwise.attention), "method" (attention_weights(*inputs) -> [B, H, N, M]), "none"
+    weights: str = "observed"  # what inspect records: "observed" (it calls headwise.attention), "method" (attention_weights(*inputs) -> probabilities [B, H, N, M]), "scores" (the same method, an unnormalised mixing matrix: linear attention without a denominator), "none"
     softmax: bool = False  # attend(q, k, v) is headwise.attention with attention_pattern(N, M) on per-token projections, so tools may run it their way (ring, dense profile)
 
     def __post_init__(self):

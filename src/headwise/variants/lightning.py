@@ -71,7 +71,7 @@ class LightningAttention(RecurrentMixer):
         True
     """
 
-    capabilities = Capabilities(causal="always", decode=True, weights="method")
+    capabilities = Capabilities(causal="always", decode=True, weights="scores")
     example_config = {"dim": 16, "heads": 2, "chunk": 3, "layer": 1, "num_layers": 3}
     aliases = {"block_size": "chunk", "bias": ("qkv_bias", "out_bias")}
     norm_eps = 1e-6  # SRMSNorm epsilon

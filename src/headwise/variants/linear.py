@@ -19,7 +19,7 @@ from torch import Tensor
 
 from headwise.checks import check_bool, check_positive_int, check_tokens
 from headwise.ops.linear import chunk_linear_attention, recurrent_linear_attention
-from headwise.ops.linear.base import apply_normalizer, with_normalizer
+from headwise.ops.linear.base import NORMALIZER_EPS, apply_normalizer, with_normalizer
 from headwise.variants.base import Capabilities, ProjectedAttention, Variant
 from headwise.variants.registry import register
 
@@ -186,16 +186,15 @@ class LinearAttention(ProjectedAttention, RecurrentMixer):
             raise ValueError(f"{what}() decodes token by token and needs causal=True; this module has causal=False")
 
     def attention_weights(self, x: Tensor) -> Tensor:
-        r"""The attention probabilities ``[B, H, N, N]`` over ``x`` ``[B, N, C]``:
-        :math:`A_{ij} = \phi(q_i)\cdot\phi(k_j) / \sum_l \phi(q_i)\cdot\phi(k_l)` over ``j`` (``j <= i`` when
-        causal), the paper's normalisation without ``eps`` (a row whose scores are all zero, possible with
-        ``relu``, is zeros). ``A V`` is the head output up to that ``eps``. ``O(N^2)`` memory, for inspection."""
+        r"""The attention matrix ``[B, H, N, N]`` over ``x`` ``[B, N, C]`` that the module applies:
+        :math:`A_{ij} = \phi(q_i)\cdot\phi(k_j) / (\sum_l \phi(q_i)\cdot\phi(k_l) + \epsilon)` over ``j``
+        (``j <= i`` when causal), so ``A V`` is exactly the head output; rows sum to ``1 - eps / S`` (``S`` the
+        row's score sum; zeros where every score is zero). ``O(N^2)`` memory, for inspection."""
         q, k, _ = self.project(x)
         scores = q @ k.transpose(-1, -2)  # (B, H, N, N) phi(q_i) . phi(k_j) >= 0
         if self.config.causal:
             scores = scores.tril()
-        rows = scores.sum(-1, keepdim=True)  # (B, H, N, 1)
-        return scores / torch.where(rows > 0, rows, torch.ones_like(rows))
+        return scores / (scores.sum(-1, keepdim=True) + NORMALIZER_EPS)  # (B, H, N, N)
 
 
 def naive_linear(m: LinearAttention, x: Tensor) -> Tensor:
