@@ -17,9 +17,9 @@ def test_split_specs_commas_outside_parentheses():
         split_specs(" , ")
 
 
-@pytest.mark.parametrize("spec, how", [("mha", "pattern & Causal()"), ("linear", "causal=True"),
-                                       ("lightning", "causal by the probe")], ids=["pattern", "causal-field", "probe"])
-def test_causal_plan_from_the_registry(spec, how):
+@pytest.mark.parametrize("spec, how", [("mha", "causal=True"), ("linear", "causal=True"),
+                                       ("lightning", "causal by construction")], ids=["mha", "linear", "lightning"])
+def test_causal_plan_from_the_declarations(spec, how):
     plan = plan_mixer(spec, dim=32, heads=4, seq_len=16, causal=True)
     assert plan.causal and plan.note == how and plan.layout == "tokens"
 
@@ -37,8 +37,12 @@ def test_lm_is_causal_end_to_end():
 
 
 def test_non_causal_variant_is_refused_with_reason():
-    with pytest.raises(Unsupported, match="nin_gate is not causal"):
+    with pytest.raises(Unsupported, match="nin_gate has no causal mode"):
         plan_mixer("nin_gate", dim=32, heads=4, seq_len=16, causal=True)
+    with pytest.raises(Unsupported, match="hip is not causal here: .*later tokens"):
+        plan_mixer("hip(block=8, topk=2, window=1)", dim=32, heads=4, seq_len=64, causal=True)
+    with pytest.raises(Unsupported, match="no causal mode in this configuration"):
+        plan_mixer("gaam(axis='tokens')", dim=32, heads=4, seq_len=16, causal=True)
     with pytest.raises(Unsupported, match="causal=False"):
         plan_mixer("linear(causal=False)", dim=32, heads=4, seq_len=16, causal=True)
 
@@ -74,17 +78,20 @@ def test_unknown_variant_lists_the_registry():
 
 
 def test_new_registry_entry_is_picked_up():
+    from dataclasses import dataclass
+
+    from headwise.variants.base import Capabilities, Variant
+
     @register("_arena_test_mean_mixer")
-    class MeanMixer(torch.nn.Module):
-        from dataclasses import dataclass
+    class MeanMixer(Variant):
+        capabilities = Capabilities(causal="always", weights="none")
 
         @dataclass
         class Config:
             dim: int  # width
 
-        def __init__(self, dim):
-            super().__init__()
-            self.proj = torch.nn.Linear(dim, dim)
+        def build(self, cfg):
+            self.proj = torch.nn.Linear(cfg.dim, cfg.dim)
 
         def forward(self, x):
             return self.proj(x.cumsum(1) / torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[:, None])  # causal mean
@@ -118,6 +125,6 @@ def test_regression_transformer_reads_the_query_y_slot():
 
 def test_spec_pattern_is_intersected_with_causal():
     plan = plan_mixer("mha(pattern='window(window=3)')", dim=16, heads=2, seq_len=16, causal=True)
-    mask = plan.create().config.pattern.dense_mask(16, 16)  # (N, N): the spec's band, cut to the past
+    mask = plan.create().pattern.dense_mask(16, 16)  # (N, N): the spec's band, cut to the past (causal=True)
     expected = torch.ones(16, 16, dtype=torch.bool).tril() & ~torch.ones(16, 16, dtype=torch.bool).tril(-4)
     assert plan.causal and torch.equal(mask.reshape(16, 16), expected)

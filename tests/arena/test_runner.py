@@ -47,11 +47,11 @@ def test_run_writes_results_leaderboard_plots_and_resumes(tmp_path, capsys):
     assert len(ok) == 2 * 2 + 2  # mha(heads=1) x 2 tasks x 2 seeds; nin_gate serves icl_regression only
     assert all(r["peak_mb"] is None or r["peak_mb"] >= 0 for r in ok)
     (unsupported,) = [r for r in rows if r["status"] == "unsupported"]
-    assert unsupported["task"] == "mqar" and "not causal" in unsupported["notes"][0]
+    assert unsupported["task"] == "mqar" and "no causal mode" in unsupported["notes"][0]
     icl = [r for r in ok if r["task"] == "icl_regression"]
     assert {"ridge", "gd_one_step", "zero", "mse@10", "mse@20", "mse@40"} <= set(icl[0]["details"])
     board = (tmp_path / "leaderboard.md").read_text()
-    assert "## mqar: accuracy (higher is better), 2 steps" in board and "nin_gate is not causal" in board
+    assert "## mqar: accuracy (higher is better), 2 steps" in board and "nin_gate has no causal mode" in board
     assert "± " in board
     for task in ("mqar", "icl_regression"):
         for kind in ("metric", "curves", "quality_vs_speed"):

@@ -47,15 +47,15 @@ def test_default_specs_cover_the_registry():
     specs = bench.default_specs(heads=8)
     assert specs[0] == "mha" and set(headwise.available()) <= set(specs)
     if "moh" in headwise.available():
-        assert "moh(shared_heads=4, top_k=2, compute='sparse')" in specs
-        assert "moh(shared_heads=4, top_k=2, compute='dense')" in specs
+        assert "moh(shared_heads=4, topk=2, compute='sparse')" in specs
+        assert "moh(shared_heads=4, topk=2, compute='dense')" in specs
 
 
 def test_arguments():
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
-    args = p.parse_args(["--quick", "--json", "out.json", "--names", "mha", "moh(top_k=1, compute='dense')"])
-    assert args.quick and args.json == "out.json" and args.names == ["mha", "moh(top_k=1, compute='dense')"]
+    args = p.parse_args(["--quick", "--json", "out.json", "--names", "mha", "moh(topk=1, compute='dense')"])
+    assert args.quick and args.json == "out.json" and args.names == ["mha", "moh(topk=1, compute='dense')"]
     assert p.parse_args([]).names is None
 
 
@@ -76,15 +76,15 @@ def test_variant_without_heads_is_built_without_it(monkeypatch):
     import torch
 
     from headwise.variants import registry
+    from headwise.variants.base import Variant
 
-    class NoHeads(torch.nn.Module):  # a single-head design: its config has no `heads`
+    class NoHeads(Variant):  # a single-head design: its config has no `heads`
         @dataclass
         class Config:
             dim: int  # model width
 
-        def __init__(self, dim):
-            super().__init__()
-            self.proj = torch.nn.Linear(dim, dim)
+        def build(self, cfg):
+            self.proj = torch.nn.Linear(cfg.dim, cfg.dim)
 
         def forward(self, x):
             return self.proj(x)
@@ -115,3 +115,15 @@ def test_measure_interleaves_rounds_and_respects_max_s():
     assert [r["timed_calls"] for r in rows] == [3, 3, 2]
     assert rows[2]["notes"] == ["2 of 3 timed calls (max_s=0.05)"] and rows[0]["notes"] == []
     assert rows[2]["ms"] >= 30 and rows[2]["ms_median"] >= rows[2]["ms"]
+
+
+def test_declared_layouts_and_inputs_decide_what_each_variant_is_fed():
+    rows = bench.run(names=["lka", "spectral", "window_cross", "nin_gate"], dim=16, heads=4, lengths=[16, 15],
+                     repeats=1)
+    by = {(r["variant"], r["n"]): r for r in rows}
+    for name in ("lka", "spectral", "nin_gate"):  # image map of a 4 x 4 grid, grid=(4, 4), tokens=16
+        row = by[(name, 16)]
+        assert row["ms"] > 0 and not any(n.startswith(("skipped", "output")) for n in row["notes"]), row
+    assert by[("window_cross", 16)]["notes"] == ["skipped: forward needs ['queries'] besides x"]
+    assert any(n.startswith("skipped:") and "square" in n for n in by[("lka", 15)]["notes"])
+    assert by[("nin_gate", 15)]["ms"] > 0  # sized for tokens=15: no grid needed

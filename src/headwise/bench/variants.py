@@ -15,17 +15,21 @@ Each row is one module spec at one sequence length ``N`` (fp32, ``x`` of shape `
 * ``vs_mha``: ``ms / mha's ms`` at the same ``N`` (below 1: faster than MHA); ``params_vs_mha`` likewise.
 
 Every variant in :func:`headwise.available` is built with ``headwise.create(name, dim=dim, heads=heads)`` and
-its defaults (without ``heads=`` where its config has no such key, e.g. a single-head design; a note says so).
-MoH adds two rows with half of its routed heads active, ``compute="sparse"`` and ``compute="dense"``. A
-variant that cannot be built at the shape, or whose forward fails, gets a row with ``ms = None`` and a note
-saying why; a variant whose warm-up and timed calls have used ``max_s`` seconds gets no further rounds
-(a note gives its number of timed calls). Use :func:`run` from code, ``headwise bench variants`` from the
-shell.
+its defaults (without ``heads=`` where its config has no such key, e.g. a single-head design; a note says so),
+and fed what it DECLARES it takes (:class:`headwise.variants.base.Capabilities`): ``[B, N, C]`` tokens, or the
+``[B, C, h, w]`` feature map of a square ``h x w = N`` grid for the ``"image"`` layout; ``grid=(h, w)`` for
+variants with a grid, ``tokens=N`` for those sized for one length. A variant that declares further required
+inputs, or that cannot run at ``N`` (:meth:`~headwise.variants.base.Variant.unsupported_length`), gets a row with
+``ms = None`` and a note saying why, as does one that cannot be built at the shape or whose forward fails.
+MoH adds two rows with half of its routed heads active, ``compute="sparse"`` and ``compute="dense"``. A variant
+whose warm-up and timed calls have used ``max_s`` seconds gets no further rounds (a note gives its number of
+timed calls). Use :func:`run` from code, ``headwise bench variants`` from the shell.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -38,7 +42,7 @@ import headwise
 from headwise.console import add_report_arguments, stderr_progress
 from headwise.tables import Column, first_line, fmt_ms, markdown_table, plain_rich_table, print_report
 from headwise.bench.timing import environment, peak_memory_mb
-from headwise.variants.registry import config_fields, parse_spec
+from headwise.variants.registry import config_fields, get, parse_spec
 
 __all__ = ["run", "default_specs", "build_spec", "measure", "to_markdown", "to_rich_table", "add_arguments", "main"]
 
@@ -54,8 +58,8 @@ def default_specs(heads: int = 8) -> list[str]:
     specs = [BASELINE] + [n for n in names if n != BASELINE]
     if "moh" in names:
         shared = heads // 2  # MoH's default split: half the heads shared, half routed
-        top_k = max(1, (heads - shared) // 2)
-        specs += [f"moh(shared_heads={shared}, top_k={top_k}, compute={mode!r})" for mode in ("sparse", "dense")]
+        topk = max(1, (heads - shared) // 2)
+        specs += [f"moh(shared_heads={shared}, topk={topk}, compute={mode!r})" for mode in ("sparse", "dense")]
     return specs
 
 
@@ -79,15 +83,35 @@ def build_spec(spec: str, x: torch.Tensor, *, heads: int, seed: int) -> tuple[di
                            "buffers": None, "ms": None, "ms_median": None, "first_ms": None, "timed_calls": 0,
                            "peak_mb": None, "notes": []}
     torch.manual_seed(seed)
+    side = math.isqrt(N)
+    grid = (side, side) if side * side == N else None  # the square grid of N tokens, for grid / image variants
     try:
-        fields = config_fields(parse_spec(spec)[0])
-        shape = {key: value for key, value in (("dim", C), ("heads", heads)) if key in fields}
-        module = headwise.create(spec, **shape).eval()
+        name, spec_kwargs = parse_spec(spec)
+        cls = get(name)
+        fields = config_fields(name)
+        declared = cls.capabilities
+        shape = {key: value for key, value in (("dim", C), ("heads", heads), ("tokens", N)) if key in fields}
+        if (declared.grid != "none" or declared.layout == "image") and "grid" in fields:
+            if grid is None and (declared.grid == "required" or declared.layout == "image"):
+                row["notes"].append(f"skipped: needs a square token grid, N={N} is not one")
+                return row, None
+            shape["grid"] = grid
+        module = headwise.create(spec, **{k: v for k, v in shape.items() if k not in spec_kwargs}).eval()
     except (ValueError, TypeError) as e:
         row["notes"].append(f"skipped: cannot build at dim={C}, heads={heads} ({first_line(e)})")
         return row, None
     if "heads" not in shape:
         row["notes"].append("built without heads= (not one of its config keys)")
+    caps = module.caps
+    reason = f"forward needs {list(caps.inputs)} besides x" if caps.inputs else module.unsupported_length(N)
+    if reason is None and caps.layout == "image":
+        if grid is None:
+            reason = f"reads a [B, C, h, w] feature map and N={N} is not a square grid"
+        else:
+            x = x.transpose(1, 2).reshape(B, C, *grid)  # (B, C, h, w): the same tokens as a feature map
+    if reason is not None:
+        row["notes"].append(f"skipped: {reason}")
+        return row, None
     row["params"] = _count(p for p in module.parameters() if p.requires_grad)
     row["buffers"] = _count(module.buffers())
 
@@ -102,9 +126,10 @@ def build_spec(spec: str, x: torch.Tensor, *, heads: int, seed: int) -> tuple[di
     except Exception as e:  # a variant that cannot run here is a finding to report, not a reason to stop
         row["notes"].append(f"skipped: forward failed at N={N} ({first_line(e)})")
         return row, None
-    if not (isinstance(out, torch.Tensor) and out.shape == x.shape):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        row["notes"].append(f"output is {got}, not [B, N, C] = {tuple(x.shape)}")
+    y = out[0] if caps.output == "tuple" else out
+    if caps.mixer and not (isinstance(y, torch.Tensor) and y.shape == x.shape):
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        row["notes"].append(f"output is {got}, not the input's {tuple(x.shape)}")
     return row, forward
 
 

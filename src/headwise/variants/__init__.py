@@ -13,10 +13,6 @@ from headwise.variants.registry import available, create, get, register
 __all__ = ["available", "create", "get", "register"]
 
 _NOT_VARIANTS = {"base", "registry"}
-TRANSITION_BROKEN = {}  # TRANSITION: modules not yet on the new base (removed when every family is migrated)
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in _NOT_VARIANTS:
-        try:
-            importlib.import_module(f"{__name__}.{_module}")
-        except Exception as _e:  # TRANSITION
-            TRANSITION_BROKEN[_module] = _e
+        importlib.import_module(f"{__name__}.{_module}")

@@ -18,7 +18,6 @@ from headwise.spec import parse_spec
 __all__ = ["register", "create", "available", "get", "parse_spec", "config_fields"]
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
-_STRICT = False  # TRANSITION: True once every family is on the Variant base
 
 
 def register(name: str):
@@ -32,7 +31,7 @@ def register(name: str):
         config = getattr(cls, "Config", None)
         if config is None or not dataclasses.is_dataclass(config):
             raise TypeError(f"{cls.__qualname__} needs a `Config` dataclass to be registered as {name!r}")
-        if not (isinstance(cls, type) and issubclass(cls, Variant)) and _STRICT:
+        if not (isinstance(cls, type) and issubclass(cls, Variant)):
             raise TypeError(f"{cls.__qualname__} must subclass headwise.variants.base.Variant (declared capabilities, "
                             f"a generated constructor) to be registered as {name!r}")
         _REGISTRY[name] = cls
@@ -69,8 +68,7 @@ def create(spec: str, **config: Any) -> nn.Module:
     """
     name, spec_kwargs = parse_spec(spec)
     cls = get(name)
-    resolve = getattr(cls, "resolve_aliases", lambda kw: kw)  # TRANSITION
-    merged = {**resolve(config), **resolve(spec_kwargs)}
+    merged = {**cls.resolve_aliases(config), **cls.resolve_aliases(spec_kwargs)}
     fields = {f.name: f for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(merged) - set(fields))
     if unknown:
