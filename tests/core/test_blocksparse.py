@@ -18,7 +18,7 @@ def executor(request, monkeypatch):
     if request.param == "kernel" and bs.extension() is None:
         pytest.skip(f"CPU kernel unavailable: {bs._EXT_ERROR}")
     if request.param == "torch":
-        monkeypatch.setattr(bs, "_use_kernel", lambda q: False)
+        monkeypatch.setattr(bs, "use_kernel", lambda q: False)
     return request.param
 
 

@@ -73,7 +73,7 @@ def test_shards_travel_only_while_needed(name, layout, last):
 @pytest.mark.parametrize("name", ["full", "causal", "window4", "perhead"])
 def test_pair_backward_sums_to_the_full_gradient(name, kernel, monkeypatch):
     if not kernel:
-        monkeypatch.setattr(ring, "_use_kernel", lambda q: False)
+        monkeypatch.setattr(ring, "use_kernel", lambda q: False)
     torch.manual_seed(0)
     n, split = 37, 20
     pattern = PATTERNS[name](n)

@@ -87,7 +87,7 @@ _PLANS_LOCK = threading.Lock()
 _PLAN_CACHE_SIZE = 64
 
 
-def _pattern_key(pattern: Pattern):
+def pattern_key(pattern: Pattern):
     try:
         hash(pattern)
         return ("value", pattern)
@@ -99,7 +99,7 @@ def make_plan(pattern: Pattern | None, n_q: int, n_kv: int, tile_q: int = TILE_Q
               head: int | None = None, device: torch.device | str = "cpu") -> BlockPlan:
     """Cached :func:`build_plan` (keyed by the pattern's value when hashable, else its identity)."""
     pattern = Full() if pattern is None else pattern
-    key = (_pattern_key(pattern), n_q, n_kv, tile_q, tile_kv, head, str(device))
+    key = (pattern_key(pattern), n_q, n_kv, tile_q, tile_kv, head, str(device))
     with _PLANS_LOCK:
         plan = _PLANS.get(key)
         if plan is not None:
@@ -262,7 +262,7 @@ def can_run(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None, return_lse
     return True
 
 
-def _use_kernel(q: Tensor) -> bool:
+def use_kernel(q: Tensor) -> bool:
     return q.device.type == "cpu" and extension() is not None
 
 
@@ -300,7 +300,7 @@ def _run_one(q, k, v, pattern, scale, tile_q, tile_kv, head):
     qp = q if s.q_perm is None else take_rows(q, s.q_perm)  # (B, H, N, D) permuted
     kp = k if s.kv_perm is None else take_rows(k, s.kv_perm)
     vp = v if s.kv_perm is None else take_rows(v, s.kv_perm)
-    if _use_kernel(q):
+    if use_kernel(q):
         dtype = q.dtype
         if dtype not in (torch.float32, torch.float64):
             qp, kp, vp = qp.float(), kp.float(), vp.float()

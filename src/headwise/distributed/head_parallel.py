@@ -26,7 +26,7 @@ from torch import Tensor
 from headwise.core.attention import attention
 from headwise.core.checks import check_qkv
 from headwise.distributed.ring import check_global
-from headwise.distributed.sharding import (ShardLayout, _pad_to, collective, gather_sequence, layout_for, nbytes,
+from headwise.distributed.sharding import (ShardLayout, pad_to, collective, gather_sequence, layout_for, nbytes,
                                            record_communication, world_and_rank)
 from headwise.patterns.base import Pattern, PerHead
 
@@ -70,7 +70,7 @@ def heads_to_seq(y: Tensor, lay: ShardLayout, group=None, op: str = "head_parall
     """Inverse of :func:`seq_to_heads`: ``[B, h, N, Dv]`` head block -> ``[B, h P, n, Dv]`` sequence shard."""
     B, h, _, Dv = y.shape
     P, n = lay.world, lay.local_len
-    ranked = _pad_to(y, 2, lay.padded_len).index_select(2, lay.order.to(y.device))  # (B, h, P n, Dv) rank order
+    ranked = pad_to(y, 2, lay.padded_len).index_select(2, lay.order.to(y.device))  # (B, h, P n, Dv) rank order
     blocks = ranked.view(B, h, P, n, Dv).movedim(2, 0)  # (P, B, h, n, Dv): sequence shard i goes to rank i
     got = _AllToAll.apply(blocks, group, op)  # (P, B, h, n, Dv): head block i from rank i
     return got.movedim(0, 1).reshape(B, P * h, n, Dv)  # (B, H, n, Dv)

@@ -43,11 +43,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from headwise.core.blocksparse import _pattern_key, _use_kernel, blocksparse_attention, extension, make_plan
+from headwise.core.blocksparse import pattern_key, use_kernel, blocksparse_attention, extension, make_plan
 from headwise.core.checks import check_qkv, default_scale, lse_dtype
 from headwise.core.merge import merge_attention
 from headwise.distributed.sharding import ShardLayout, comm_error, layout_for, nbytes, record_communication, world_and_rank
-from headwise.patterns.base import Causal, Full, Pattern, _uniform_bounds
+from headwise.patterns.base import Causal, Full, Pattern, uniform_bounds
 
 __all__ = ["ring_attention", "RingPlan", "ring_plan", "pair_backward", "OffsetPattern", "P2P", "check_global"]
 
@@ -79,7 +79,7 @@ def chunk_states(pattern: Pattern | None, lay: ShardLayout) -> Tensor:
         real = torch.zeros(n_chunks, dtype=torch.int8)
         real[: -(-n // c)] = 1
         return (real[:, None] * real[None, :]) * 2
-    bounds = _uniform_bounds(n, c)
+    bounds = uniform_bounds(n, c)
     heads = [None] if pattern.heads is None else range(pattern.heads)
     per_head = []
     for h in heads:
@@ -147,7 +147,7 @@ _PLANS_LOCK = threading.Lock()
 
 def ring_plan(pattern: Pattern | None, lay: ShardLayout) -> RingPlan:
     """Cached :func:`build_ring_plan` (keyed like the engine's plans: by value when the pattern is hashable)."""
-    key = (None if pattern is None else _pattern_key(pattern), lay)
+    key = (None if pattern is None else pattern_key(pattern), lay)
     with _PLANS_LOCK:
         if key in _PLANS:
             _PLANS.move_to_end(key)
@@ -259,7 +259,7 @@ def pair_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, de
     """
     lse_safe = lse.masked_fill(torch.isinf(lse), -1e30)  # rows with no key anywhere: every p_ij is 0
     heads_free = pattern is None or pattern.heads is None
-    if _use_kernel(q) and heads_free and q.dtype in (torch.float32, torch.float64):
+    if use_kernel(q) and heads_free and q.dtype in (torch.float32, torch.float64):
         plan = make_plan(pattern, q.shape[2], k.shape[2], device=q.device)
         s = plan.schedule
         if s.q_perm is None and s.kv_perm is None:

@@ -180,7 +180,7 @@ def _check_dim(x: Tensor, dim: int) -> int:
     return dim % x.dim()
 
 
-def _pad_to(x: Tensor, dim: int, length: int) -> Tensor:
+def pad_to(x: Tensor, dim: int, length: int) -> Tensor:
     extra = length - x.shape[dim]
     if extra == 0:
         return x
@@ -210,7 +210,7 @@ def shard_sequence(x: Tensor, dim: int = 2, layout: str = "zigzag", group=None) 
     dim = _check_dim(x, dim)
     world, rank = world_and_rank(group)
     lay = ShardLayout(x.shape[dim], world, layout)
-    return _pad_to(x, dim, lay.padded_len).index_select(dim, lay.positions(rank).to(x.device))
+    return pad_to(x, dim, lay.padded_len).index_select(dim, lay.positions(rank).to(x.device))
 
 
 class _AllGather(torch.autograd.Function):

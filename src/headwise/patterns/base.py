@@ -87,7 +87,7 @@ def repeat_index(counts: Tensor, total: int) -> Tensor:
     return marks[:-1].cumsum(0)
 
 
-def _uniform_bounds(n: int, tile: int) -> Tensor:
+def uniform_bounds(n: int, tile: int) -> Tensor:
     return torch.tensor(list(range(0, n, tile)) + [n], dtype=torch.long)
 
 
@@ -274,9 +274,9 @@ class Pattern:
         permutations default to uniform tiles in the original order.
         """
         self.check(n_q, n_kv)
-        _check_tile(tile_q, tile_kv)
-        q_bounds = _uniform_bounds(n_q, tile_q) if q_bounds is None else q_bounds
-        kv_bounds = _uniform_bounds(n_kv, tile_kv) if kv_bounds is None else kv_bounds
+        check_tile(tile_q, tile_kv)
+        q_bounds = uniform_bounds(n_q, tile_q) if q_bounds is None else q_bounds
+        kv_bounds = uniform_bounds(n_kv, tile_kv) if kv_bounds is None else kv_bounds
         q_ids = torch.arange(n_q) if q_perm is None else q_perm
         kv_ids = (torch.arange(n_kv) if kv_perm is None else kv_perm)[None, :]
         n_qt, n_kt = q_bounds.numel() - 1, kv_bounds.numel() - 1
@@ -306,7 +306,7 @@ class Pattern:
         return Intersection(self, other)
 
 
-def _check_tile(tile_q: int, tile_kv: int) -> None:
+def check_tile(tile_q: int, tile_kv: int) -> None:
     if not isinstance(tile_q, int) or tile_q < 1:
         raise ValueError(f"tile_q must be a positive int, got {tile_q=}")
     if not isinstance(tile_kv, int) or tile_kv < 1:
@@ -326,8 +326,8 @@ class Full(Pattern):
 
     def tile_schedule(self, n_q, n_kv, tile_q=64, tile_kv=64, head=None):
         self.check(n_q, n_kv)
-        _check_tile(tile_q, tile_kv)
-        qb, kb = _uniform_bounds(n_q, tile_q), _uniform_bounds(n_kv, tile_kv)
+        check_tile(tile_q, tile_kv)
+        qb, kb = uniform_bounds(n_q, tile_q), uniform_bounds(n_kv, tile_kv)
         states = torch.full((qb.numel() - 1, kb.numel() - 1), 2, dtype=torch.int8)
         return schedule_from_states(n_q, n_kv, qb, kb, states)
 
@@ -357,8 +357,8 @@ class Causal(Pattern):
 
     def tile_schedule(self, n_q, n_kv, tile_q=64, tile_kv=64, head=None):
         self.check(n_q, n_kv)
-        _check_tile(tile_q, tile_kv)
-        qb, kb = _uniform_bounds(n_q, tile_q), _uniform_bounds(n_kv, tile_kv)
+        check_tile(tile_q, tile_kv)
+        qb, kb = uniform_bounds(n_q, tile_q), uniform_bounds(n_kv, tile_kv)
         q_first, q_last = qb[:-1, None], qb[1:, None] - 1  # (n_qt, 1)
         k_first, k_last = kb[None, :-1], kb[None, 1:] - 1  # (1, n_kt)
         any_ = k_first <= q_last + self.offset

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headwise.patterns.base import Causal, Pattern, TileSchedule, _check_tile, _uniform_bounds, schedule_from_states
+from headwise.patterns.base import Causal, Pattern, TileSchedule, check_tile, uniform_bounds, schedule_from_states
 from headwise.patterns.window import SlidingWindow
 
 __all__ = ["SinkWindow"]
@@ -66,8 +66,8 @@ class SinkWindow(Pattern):
 
     def tile_schedule(self, n_q, n_kv, tile_q=64, tile_kv=64, head=None) -> TileSchedule:
         self.check(n_q, n_kv)
-        _check_tile(tile_q, tile_kv)
-        q_bounds, kv_bounds = _uniform_bounds(n_q, tile_q), _uniform_bounds(n_kv, tile_kv)
+        check_tile(tile_q, tile_kv)
+        q_bounds, kv_bounds = uniform_bounds(n_q, tile_q), uniform_bounds(n_kv, tile_kv)
         q0, q1 = q_bounds[:-1, None], q_bounds[1:, None] - 1  # (n_qt, 1) first and last query of each tile
         k0, k1 = kv_bounds[None, :-1], kv_bounds[None, 1:] - 1  # (1, n_kt) first and last key
         visited = (k0 <= q1) & ((k0 < self.sinks) | (k1 > q0 - self.span))

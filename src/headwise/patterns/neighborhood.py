@@ -21,7 +21,7 @@ from torch import Tensor
 from headwise.patterns.base import (
     Pattern,
     TileSchedule,
-    _check_tile,
+    check_tile,
     ceil_div,
     interval_tile_ranges,
     repeat_index,
@@ -35,7 +35,7 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _per_dim(name: str, value, ndim: int) -> tuple[int, ...]:
+def per_dim(name: str, value, ndim: int) -> tuple[int, ...]:
     """Broadcast an int to ``ndim`` dims, or check a sequence of ``ndim`` ints; every entry positive."""
     values = (value,) * ndim if _is_int(value) else value
     if not isinstance(values, (tuple, list)) or len(values) != ndim:
@@ -124,11 +124,11 @@ class Neighborhood(Pattern):
         grid = (self.grid,) if _is_int(self.grid) else self.grid
         if not isinstance(grid, (tuple, list)) or not 1 <= len(grid) <= 3:
             raise ValueError(f"grid must be (N,), (H, W) or (T, H, W), got grid={self.grid!r}")
-        grid = _per_dim("grid", tuple(grid), len(grid))
+        grid = per_dim("grid", tuple(grid), len(grid))
         ndim = len(grid)
-        kernel = _per_dim("kernel_size", self.kernel_size, ndim)
-        stride = _per_dim("stride", self.stride, ndim)
-        dilation = _per_dim("dilation", self.dilation, ndim)
+        kernel = per_dim("kernel_size", self.kernel_size, ndim)
+        stride = per_dim("stride", self.stride, ndim)
+        dilation = per_dim("dilation", self.dilation, ndim)
         causal = (self.causal,) * ndim if isinstance(self.causal, bool) else self.causal
         if not isinstance(causal, (tuple, list)) or len(causal) != ndim or not all(isinstance(c, bool) for c in causal):
             raise ValueError(f"causal must be a bool or a sequence of {ndim} bools, got causal={self.causal!r}")
@@ -250,7 +250,7 @@ class Neighborhood(Pattern):
         16 to 64 tokens). Ties go to the larger, then the more balanced shape. E.g. ``(4, 8)`` for a 17 x 17
         kernel on a 128 x 128 grid with ``tile_q = 64``.
         """
-        _check_tile(tile_q, tile_q)
+        check_tile(tile_q, tile_q)
         if self.ndim == 1 and self.dilation == (1,):
             return (tile_q,)
         limits = [min(tile_q, ceil_div(g, d)) for g, d in zip(self.grid, self.dilation)]
@@ -328,9 +328,9 @@ class Neighborhood(Pattern):
         covers the whole key box.
         """
         self.check(n_q, n_kv)
-        _check_tile(tile_q, tile_kv)
+        check_tile(tile_q, tile_kv)
         if tile_shape is not None:
-            tile_shape = _per_dim("tile_shape", tile_shape, self.ndim)
+            tile_shape = per_dim("tile_shape", tile_shape, self.ndim)
         if self.ndim == 1 and self.dilation == (1,):
             box_q, box_kv = (tile_shape[0],) * 2 if tile_shape is not None else (tile_q, tile_kv)
             return self._schedule((box_q,), (box_kv,))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from headwise.patterns.base import Pattern, TileSchedule, _check_tile, _uniform_bounds, schedule_from_states
+from headwise.patterns.base import Pattern, TileSchedule, check_tile, uniform_bounds, schedule_from_states
 
 __all__ = ["Segments", "KeyMask"]
 
 
-def _as_vector(name: str, values, kind: str) -> Tensor:
+def as_vector(name: str, values, kind: str) -> Tensor:
     """A non-empty 1-D tensor of integer labels (``kind="int"``) or booleans (``kind="bool"``), on the CPU."""
     t = torch.as_tensor(values)
     if kind == "bool":
@@ -23,7 +23,7 @@ def _as_vector(name: str, values, kind: str) -> Tensor:
     return t.to(device="cpu", dtype=torch.long if kind == "int" else torch.bool)
 
 
-def _brief(t: Tensor) -> str:
+def brief(t: Tensor) -> str:
     values = t.tolist()
     return repr(values) if len(values) <= 8 else f"[{', '.join(map(str, values[:8]))}, ...] (n={len(values)})"
 
@@ -46,8 +46,8 @@ class Segments(Pattern):
     """
 
     def __init__(self, labels, kv_labels=None):
-        self.labels = _as_vector("labels", labels, "int")
-        self.kv_labels = self.labels if kv_labels is None else _as_vector("kv_labels", kv_labels, "int")
+        self.labels = as_vector("labels", labels, "int")
+        self.kv_labels = self.labels if kv_labels is None else as_vector("kv_labels", kv_labels, "int")
         self._device_copies: dict = {}
 
     def _on(self, device) -> tuple[Tensor, Tensor]:
@@ -78,7 +78,7 @@ class Segments(Pattern):
 
     def tile_schedule(self, n_q, n_kv, tile_q=64, tile_kv=64, head=None) -> TileSchedule:
         self.check(n_q, n_kv)
-        _check_tile(tile_q, tile_kv)
+        check_tile(tile_q, tile_kv)
         q_perm = None if _is_grouped(self.labels) else torch.sort(self.labels, stable=True).indices
         if self.kv_labels is self.labels:
             kv_perm = q_perm
@@ -87,7 +87,7 @@ class Segments(Pattern):
         q_labels = self.labels if q_perm is None else self.labels[q_perm]  # (n_q,) in schedule order
         kv_labels = self.kv_labels if kv_perm is None else self.kv_labels[kv_perm]  # (n_kv,)
         q_ids, kv_ids, n_labels = self._ids(q_labels, kv_labels)
-        q_bounds, kv_bounds = _uniform_bounds(n_q, tile_q), _uniform_bounds(n_kv, tile_kv)
+        q_bounds, kv_bounds = uniform_bounds(n_q, tile_q), uniform_bounds(n_kv, tile_kv)
         n_qt, n_kt = len(q_bounds) - 1, len(kv_bounds) - 1
         q_tile, kv_tile = torch.arange(n_q) // tile_q, torch.arange(n_kv) // tile_kv
 
@@ -116,8 +116,8 @@ class Segments(Pattern):
 
     def __repr__(self):
         if self.kv_labels is self.labels:
-            return f"Segments({_brief(self.labels)})"
-        return f"Segments({_brief(self.labels)}, kv_labels={_brief(self.kv_labels)})"
+            return f"Segments({brief(self.labels)})"
+        return f"Segments({brief(self.labels)}, kv_labels={brief(self.kv_labels)})"
 
     def __eq__(self, other):
         return (isinstance(other, Segments) and torch.equal(self.labels, other.labels)
@@ -137,7 +137,7 @@ class KeyMask(Pattern):
     key_only = True  # depends on the key alone: Intersection takes its tiling from the other parts
 
     def __init__(self, keep):
-        self.keep = _as_vector("keep", keep, "bool")
+        self.keep = as_vector("keep", keep, "bool")
         self._device_copies: dict = {}
 
     def mask(self, q_idx, kv_idx, head=None):
@@ -157,8 +157,8 @@ class KeyMask(Pattern):
 
     def tile_schedule(self, n_q, n_kv, tile_q=64, tile_kv=64, head=None) -> TileSchedule:
         self.check(n_q, n_kv)
-        _check_tile(tile_q, tile_kv)
-        q_bounds, kv_bounds = _uniform_bounds(n_q, tile_q), _uniform_bounds(n_kv, tile_kv)
+        check_tile(tile_q, tile_kv)
+        q_bounds, kv_bounds = uniform_bounds(n_q, tile_q), uniform_bounds(n_kv, tile_kv)
         kept_before = torch.cat([torch.zeros(1, dtype=torch.long), self.keep.long().cumsum(0)])  # (n_kv + 1,)
         kept = kept_before[kv_bounds[1:]] - kept_before[kv_bounds[:-1]]  # (n_kt,) kept keys per tile
         tiles = torch.nonzero(kept > 0)[:, 0]  # (V,) the same for every query tile
@@ -168,7 +168,7 @@ class KeyMask(Pattern):
                             full.expand(n_qt, -1).contiguous())
 
     def __repr__(self):
-        return f"KeyMask({_brief(self.keep)})"
+        return f"KeyMask({brief(self.keep)})"
 
     def __eq__(self, other):
         return isinstance(other, KeyMask) and torch.equal(self.keep, other.keep)

@@ -20,13 +20,13 @@ from torch import Tensor
 from headwise.patterns.base import (
     Pattern,
     TileSchedule,
-    _check_tile,
+    check_tile,
     ceil_div,
     interval_tile_ranges,
     schedule_from_states,
 )
-from headwise.patterns.neighborhood import Neighborhood, _per_dim
-from headwise.patterns.segments import Segments, _as_vector, _brief
+from headwise.patterns.neighborhood import Neighborhood, per_dim
+from headwise.patterns.segments import Segments, as_vector, brief
 
 __all__ = ["MaxViTBlock", "MaxViTGrid", "Halo", "ConvWindow", "CyclicShift", "directional_shifts", "Radial", "S2Shards",
            "RegionAttention", "Isolation"]
@@ -41,7 +41,7 @@ def _grid(grid) -> tuple[int, ...]:
     dims = (grid,) if _is_int(grid) else grid
     if not isinstance(dims, (tuple, list)) or not 1 <= len(dims) <= 3:
         raise ValueError(f"grid must be (N,), (H, W) or (T, H, W), got grid={grid!r}")
-    return _per_dim("grid", tuple(dims), len(dims))
+    return per_dim("grid", tuple(dims), len(dims))
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -64,7 +64,7 @@ class MaxViTBlock(Neighborhood):
 
     def __init__(self, grid, window):
         grid = _grid(grid)
-        window = _per_dim("window", window, len(grid))
+        window = per_dim("window", window, len(grid))
         for i, (g, p) in enumerate(zip(grid, window)):
             if g % p:
                 raise ValueError(f"window={window} must divide grid={grid} (dim {i}: {g} % {p} != 0); pad the grid")
@@ -88,7 +88,7 @@ class MaxViTGrid(Neighborhood):
 
     def __init__(self, grid, grid_size):
         grid = _grid(grid)
-        grid_size = _per_dim("grid_size", grid_size, len(grid))
+        grid_size = per_dim("grid_size", grid_size, len(grid))
         for i, (g, s) in enumerate(zip(grid, grid_size)):
             if g % s:
                 raise ValueError(f"grid_size={grid_size} must divide grid={grid} (dim {i}: {g} % {s} != 0); "
@@ -128,7 +128,7 @@ class Halo(Neighborhood):
 
     def __init__(self, grid, block, halo):
         grid = _grid(grid)
-        block = _per_dim("block", block, len(grid))
+        block = per_dim("block", block, len(grid))
         halo = (halo,) * len(grid) if _is_int(halo) else halo
         if (not isinstance(halo, (tuple, list)) or len(halo) != len(grid)
                 or not all(_is_int(h) and h >= 0 for h in halo)):
@@ -180,8 +180,8 @@ class ConvWindow(Neighborhood):
 
     def __init__(self, grid, kernel_size, dilation=1):
         grid = _grid(grid)
-        kernel = _per_dim("kernel_size", kernel_size, len(grid))
-        dilation = _per_dim("dilation", dilation, len(grid))
+        kernel = per_dim("kernel_size", kernel_size, len(grid))
+        dilation = per_dim("dilation", dilation, len(grid))
         if any(k % 2 == 0 for k in kernel):
             raise ValueError(f"kernel_size must be odd (a centred convolution window), got kernel_size={kernel_size!r}")
         for i, (g, d) in enumerate(zip(grid, dilation)):
@@ -398,7 +398,7 @@ class Radial(Pattern):
 
     def tile_schedule(self, n_q, n_kv, tile_q=64, tile_kv=64, head=None) -> TileSchedule:
         self.check(n_q, n_kv)
-        _check_tile(tile_q, tile_kv)
+        check_tile(tile_q, tile_kv)
         F, S = self.frames, self.tokens_per_frame
 
         def bounds(tile):
@@ -548,7 +548,7 @@ class S2Shards(Pattern):
 
     def tile_schedule(self, n_q, n_kv, tile_q=64, tile_kv=64, head=None) -> TileSchedule:
         self.check(n_q, n_kv)
-        _check_tile(tile_q, tile_kv)
+        check_tile(tile_q, tile_kv)
         head = self._head(head)
         q_bounds, kv_bounds = self._bounds(n_q, tile_q), self._bounds(n_kv, tile_kv)
         q_first, q_last = q_bounds[:-1, None], q_bounds[1:, None] - 1  # (Tq, 1)
@@ -566,7 +566,7 @@ class S2Shards(Pattern):
 def _flat_labels(name: str, labels) -> Tensor:
     """A label map of any shape (e.g. ``(H, W)``), flattened row-major to one label per token."""
     t = torch.as_tensor(labels)
-    return _as_vector(name, t.reshape(-1) if t.dim() > 1 else t, "int")
+    return as_vector(name, t.reshape(-1) if t.dim() > 1 else t, "int")
 
 
 class RegionAttention(Segments):
@@ -578,7 +578,7 @@ class RegionAttention(Segments):
         super().__init__(_flat_labels("labels", labels))
 
     def __repr__(self):
-        return f"RegionAttention({_brief(self.labels)})"
+        return f"RegionAttention({brief(self.labels)})"
 
 
 class Isolation(Pattern):
@@ -628,7 +628,7 @@ class Isolation(Pattern):
 
     def tile_schedule(self, n_q, n_kv, tile_q=64, tile_kv=64, head=None) -> TileSchedule:
         self.check(n_q, n_kv)
-        _check_tile(tile_q, tile_kv)
+        check_tile(tile_q, tile_kv)
         key = torch.where(self.labels == self.background_label, self.labels.min() - 1, self.labels)
         perm = torch.sort(key, stable=True).indices
         perm = None if torch.equal(perm, torch.arange(n_q)) else perm
@@ -649,7 +649,7 @@ class Isolation(Pattern):
         return schedule_from_states(n_q, n_kv, q_bounds, kv_bounds, states, perm, perm)
 
     def __repr__(self):
-        return f"Isolation({_brief(self.labels)}, background_label={self.background_label})"
+        return f"Isolation({brief(self.labels)}, background_label={self.background_label})"
 
     def __eq__(self, other):
         return (isinstance(other, Isolation) and self.background_label == other.background_label

@@ -10,8 +10,8 @@ from torch import Tensor
 from headwise.patterns.base import (
     Pattern,
     TileSchedule,
-    _check_tile,
-    _uniform_bounds,
+    check_tile,
+    uniform_bounds,
     interval_tile_ranges,
     schedule_from_ranges,
 )
@@ -57,8 +57,8 @@ class SlidingWindow(Pattern):
 
     def tile_schedule(self, n_q, n_kv, tile_q=64, tile_kv=64, head=None) -> TileSchedule:
         self.check(n_q, n_kv)
-        _check_tile(tile_q, tile_kv)
-        q_bounds, kv_bounds = _uniform_bounds(n_q, tile_q), _uniform_bounds(n_kv, tile_kv)
+        check_tile(tile_q, tile_kv)
+        q_bounds, kv_bounds = uniform_bounds(n_q, tile_q), uniform_bounds(n_kv, tile_kv)
         lo_first, hi_first = self._band(q_bounds[:-1])  # (n_qt,)
         lo_last, hi_last = self._band(q_bounds[1:] - 1)
         ranges = interval_tile_ranges(n_kv, tile_kv, lo_first, hi_last, lo_last, hi_first)
