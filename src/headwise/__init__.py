@@ -7,8 +7,8 @@
 """
 
 from headwise import patterns
-from headwise.ops import linear
 from headwise.core import attention, merge_attention
+from headwise.ops import linear
 from headwise.variants import available, create, register
 from headwise.variants.mha import MultiHeadAttention
 
@@ -16,7 +16,13 @@ __version__ = "0.1.0"
 
 __all__ = ["attention", "merge_attention", "patterns", "linear", "create", "available", "register", "MultiHeadAttention", "__version__"]
 
-_LAZY = ("inspect", "analysis", "arena", "distributed", "selection", "moa", "losses")  # heavier tool packages
+# imported on first use, so that `import headwise` stays light: the tools, and two ops packages by their short names
+_LAZY = {
+    "inspect": "headwise.inspect", "analysis": "headwise.analysis", "arena": "headwise.arena",
+    "bench": "headwise.bench", "simulate": "headwise.simulate", "moa": "headwise.moa", "parallel": "headwise.parallel",
+    "distributed": "headwise.distributed", "losses": "headwise.losses", "selection": "headwise.ops.selection",
+}
+TOOLS = ("inspect", "analysis", "arena", "bench", "simulate", "moa", "parallel", "cli", "demo")  # never loaded by `import headwise`
 
 
 def __getattr__(name: str):
@@ -24,5 +30,5 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return importlib.import_module(f"headwise.{name}")
+        return importlib.import_module(_LAZY[name])
     raise AttributeError(f"module 'headwise' has no attribute {name!r}")

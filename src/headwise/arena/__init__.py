@@ -8,8 +8,10 @@
 * :mod:`headwise.arena.runner`: ``headwise arena`` (results.json, leaderboard.md, plots);
 * :mod:`headwise.arena.data`: the data generators and offline loaders.
 
+Training takes minutes, so the example is not run as a doctest:
+
 >>> from headwise.arena import run
->>> rows = run(["mqar"], "mha,linear", seeds=1, quick=True, out="runs/arena")
+>>> rows = run(["mqar"], "mha,linear", seeds=1, quick=True, out="runs/arena")  # doctest: +SKIP
 """
 
 from headwise.arena.models import Unsupported, build_lm, build_regression, build_vit, plan_mixer, split_specs

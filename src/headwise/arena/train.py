@@ -16,8 +16,15 @@ shard; only the process with ``is_main=True`` writes checkpoints and shows progr
   uninterrupted run (tested). A checkpoint written with other ``steps``/``lr``/``weight_decay``/``warmup``/
   ``seed`` is refused with a clear error.
 
->>> result = train(model, lambda t: task.batch(t, seed=0), task.loss, steps=100, lr=1e-3, seed=0)
->>> result.losses[-1], result.train_s
+>>> import torch
+>>> model = torch.nn.Linear(3, 1)                                    # fit y = x . (1, 2, 3)
+>>> def batch(step):
+...     x = torch.randn(16, 3, generator=torch.Generator().manual_seed(step))
+...     return x, x @ torch.tensor([[1.0], [2.0], [3.0]])
+>>> mse = lambda model, b: (model(b[0]) - b[1]).pow(2).mean()
+>>> result = train(model, batch, mse, steps=200, lr=0.1, seed=0)
+>>> result.steps, result.losses[-1] < 0.01 * result.losses[0]
+(200, True)
 """
 
 from __future__ import annotations

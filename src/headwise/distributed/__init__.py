@@ -1,10 +1,12 @@
 """Context parallelism on ``torch.distributed``: ring attention, head-parallel attention, sequence sharding.
 
->>> import torch.distributed as dist, headwise.distributed as hd          # launched by torchrun
->>> dist.init_process_group("gloo")                                          # "nccl" on GPUs
->>> qs, ks, vs = (hd.shard_sequence(t) for t in (q, k, v))                  # [B, H, N, D] -> [B, H, n, D]
->>> out = hd.ring_attention(qs, ks, vs, headwise.patterns.Causal(), seq_len=q.shape[2])
->>> full = hd.gather_sequence(out, seq_len=q.shape[2])                       # equals headwise.attention(q, k, v, Causal())
+Each of P processes launched by ``torchrun`` runs (not run as a doctest: it needs the process group)::
+
+    import torch.distributed as dist, headwise.distributed as hd
+    dist.init_process_group("gloo")                                          # "nccl" on GPUs
+    qs, ks, vs = (hd.shard_sequence(t) for t in (q, k, v))                  # [B, H, N, D] -> [B, H, n, D]
+    out = hd.ring_attention(qs, ks, vs, headwise.patterns.Causal(), seq_len=q.shape[2])
+    full = hd.gather_sequence(out, seq_len=q.shape[2])                       # equals headwise.attention(q, k, v, Causal())
 
 Also: :func:`head_parallel_attention` (all-to-all; heads divisible by ranks), :func:`count_communication`,
 :func:`run_local` (P local gloo processes, for tests and ``headwise bench distributed``). Launch with ``torchrun``

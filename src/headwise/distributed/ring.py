@@ -418,9 +418,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None = No
     Returns:
         ``[B, H, n, Dv]`` this rank's output shard (zeros on padded rows and on rows the pattern gives no key).
 
-    Example (each of P processes, after ``torch.distributed.init_process_group``):
-        >>> qs, ks, vs = (shard_sequence(t) for t in (q, k, v))
-        >>> out = ring_attention(qs, ks, vs, Causal(), seq_len=q.shape[2])   # [B, H, n, D]
+    Example (each of P processes, after ``torch.distributed.init_process_group``; not a doctest)::
+
+        qs, ks, vs = (shard_sequence(t) for t in (q, k, v))
+        out = ring_attention(qs, ks, vs, Causal(), seq_len=q.shape[2])   # [B, H, n, D]
     """
     check_qkv(q, k, v, None, scale)
     if not q.shape[2] == k.shape[2]:

@@ -125,11 +125,12 @@ _COUNTERS: list[CommCounter] = []
 
 @contextmanager
 def count_communication():
-    """Count the communication of headwise.distributed calls in this process while the block runs.
+    """Count the communication of headwise.distributed calls in this process while the block runs (in each of P
+    processes of a process group; not a doctest)::
 
-    >>> with count_communication() as c:
-    ...     out = ring_attention(q, k, v, Causal(), seq_len=n)
-    >>> c.bytes_sent
+        with count_communication() as c:
+            out = ring_attention(q, k, v, Causal(), seq_len=n)
+        c.bytes_sent
     """
     counter = CommCounter()
     _COUNTERS.append(counter)
@@ -202,10 +203,11 @@ def shard_sequence(x: Tensor, dim: int = 2, layout: str = "zigzag", group=None) 
         ``x`` restricted to this rank's positions, ``local_len = ShardLayout(N, P, layout).local_len`` along
         ``dim``. Differentiable (the gradient reaches this rank's positions of ``x`` only).
 
-    Example:
-        >>> q_shard = shard_sequence(q)                       # [B, H, local_len, D]
-        >>> out = ring_attention(q_shard, k_shard, v_shard, Causal(), seq_len=q.shape[2])
-        >>> full = gather_sequence(out, seq_len=q.shape[2])   # [B, H, N, D] on every rank
+    Example (each of P processes of a process group; not a doctest)::
+
+        q_shard = shard_sequence(q)                       # [B, H, local_len, D]
+        out = ring_attention(q_shard, k_shard, v_shard, Causal(), seq_len=q.shape[2])
+        full = gather_sequence(out, seq_len=q.shape[2])   # [B, H, N, D] on every rank
     """
     dim = _check_dim(x, dim)
     world, rank = world_and_rank(group)
