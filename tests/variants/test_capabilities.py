@@ -183,3 +183,11 @@ def test_declared_softmax_step_is_the_reference_with_its_pattern(name):
     m = _module(name, causal=True) if "causal" in _fields(name) else _module(name)
     x = m.example()[0]
     torch.testing.assert_close(m(x), naive_mha(m, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", _declaring(lambda c: c.weights == "observed" and not c.softmax))
+def test_attention_weights_is_refused_where_it_would_not_be_the_attention(name):
+    m = _module(name)
+    if hasattr(m, "attention_weights"):
+        with pytest.raises(NotImplementedError, match="capture"):
+            m.attention_weights(*m.example())

@@ -386,7 +386,14 @@ class ProjectedAttention(Variant):
         """The attention probabilities ``[B, H, N, M]`` from ``x`` ``[B, N, C]`` to ``context`` (``x`` when None):
         the attention step applied to identity values ``V = I`` (:func:`identity_values`; its output is then its
         attention matrix, exact for every step linear in ``v``; ``O(M^2)`` memory, for inspection sizes). What
-        ``inspect`` records for variants that declare ``weights="method"``."""
+        ``inspect`` records for variants that declare ``weights="method"``; also right for a softmax step
+        (``capabilities.softmax``). Any other variant raises ``NotImplementedError`` rather than return a matrix
+        that is not its attention (a routed or reweighted step)."""
+        caps = self.caps
+        if not (caps.softmax or caps.weights in ("method", "scores")):
+            raise NotImplementedError(
+                f"{type(self).__qualname__} declares weights={caps.weights!r}: its attention step applied to identity "
+                f"values is not its attention matrix; record it with headwise.inspect.capture instead")
         q, k, _ = self.project(x) if context is None else self.project(x, context)
         return self.attend(q, k, identity_values(k))  # (B, H, N, M)
 
