@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from headwise.checks import check_bool, check_positive_int, check_tokens, resolve_head_dim
 from headwise.core.attention import attention
 from headwise.core.reference import naive_attention
-from headwise.patterns import Causal, Pattern, from_spec
-from headwise.variants.base import Capabilities, Variant, check_backend, resolve_pattern
+from headwise.patterns import Pattern, from_spec
+from headwise.variants.base import Capabilities, Variant, check_backend, resolve_pattern, with_causal
 from headwise.variants.mha import MultiHeadAttention
 from headwise.variants.registry import register
 
@@ -151,10 +151,7 @@ class AttentionExperts(Variant):
 
     def build(self, cfg) -> None:
         C, E, HD = cfg.dim, cfg.experts, cfg.heads * cfg.head_dim
-        pattern = cfg.pattern
-        if cfg.causal and not isinstance(pattern, Causal):
-            pattern = Causal() if pattern is None else pattern & Causal()
-        self.pattern = pattern  # the pattern every call applies (config pattern and causality)
+        self.pattern = with_causal(cfg.pattern, cfg.causal)  # the pattern every call applies
         self.router = nn.Linear(C, E, bias=False)
         # expert e's weights are slice e, laid out as torch.nn.Linear's (out_features, in_features)
         kv_rows = () if cfg.share_kv else (E,)

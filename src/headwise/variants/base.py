@@ -58,7 +58,7 @@ from headwise.core.attention import BACKENDS, attention
 from headwise.patterns import Causal, Pattern, from_spec
 
 __all__ = ["Capabilities", "Variant", "ProjectedAttention", "SoftmaxAttention", "LAYOUTS", "CAUSAL_MODES",
-           "GRID_NEEDS", "OUTPUTS", "WEIGHTS", "check_backend", "resolve_pattern", "key_value_projections",
+           "GRID_NEEDS", "OUTPUTS", "WEIGHTS", "check_backend", "resolve_pattern", "with_causal", "key_value_projections",
            "split_kv_proj", "identity_values"]
 
 LAYOUTS = ("tokens", "image", "set")
@@ -267,6 +267,14 @@ def check_backend(backend, valid=None) -> None:
         raise ValueError(f"unknown backend={backend!r}; valid: 'auto', " + ", ".join(map(repr, valid)))
 
 
+def with_causal(pattern: Pattern | None, causal: bool) -> Pattern | None:
+    """``pattern`` restricted to ``j <= i`` when ``causal`` (``Causal()`` for no pattern): what ``causal=True``
+    means on every variant that also takes a pattern."""
+    if not causal or isinstance(pattern, Causal):
+        return pattern
+    return Causal() if pattern is None else pattern & Causal()
+
+
 def resolve_pattern(pattern, heads: int | None = None) -> Pattern | None:
     """A :class:`~headwise.patterns.Pattern`, a pattern spec string or None, checked (a head-specific pattern must
     have ``heads`` heads)."""
@@ -458,10 +466,7 @@ class SoftmaxAttention(ProjectedAttention):
 
     def build(self, cfg) -> None:
         super().build(cfg)
-        pattern = cfg.pattern
-        if cfg.causal and not isinstance(pattern, Causal):
-            pattern = Causal() if pattern is None else pattern & Causal()
-        self.pattern = pattern  # the pattern every call applies (config pattern and causality)
+        self.pattern = with_causal(cfg.pattern, cfg.causal)  # the pattern every call applies
 
     @property
     def backend(self) -> str:

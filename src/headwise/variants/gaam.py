@@ -59,6 +59,12 @@ def _check_gaussians(cfg) -> None:
         raise ValueError(f"c_init must be a positive number, got c_init={cfg.c_init!r}")
 
 
+def no_causal_mode_over_tokens(capabilities: Capabilities, config) -> Capabilities:
+    """GAAM's causality follows its axis: normalising each token's features is causal (``gaam`` by construction,
+    ``gaam_attention`` with ``causal=True``); normalising over the tokens (``axis="tokens"``) has no causal mode."""
+    return dataclasses.replace(capabilities, causal="none") if config.axis == "tokens" else capabilities
+
+
 @register("gaam")
 class GaussianAdaptiveAttention(Variant):
     r"""Multi-head Gaussian Adaptive Attention (GAAM; Ioannides, Chadha, Elkins, 2024).
@@ -125,10 +131,7 @@ class GaussianAdaptiveAttention(Variant):
 
     @classmethod
     def capabilities_for(cls, config) -> Capabilities:
-        """Causal by construction over each token's features; no causal mode over the tokens."""
-        if config.axis == "tokens":
-            return dataclasses.replace(cls.capabilities, causal="none")
-        return cls.capabilities
+        return no_causal_mode_over_tokens(cls.capabilities, config)
 
     def build(self, cfg) -> None:
         self.gaussians = _GaussianMixtures(cfg.heads, cfg.gaussians, cfg.c_init)
@@ -215,10 +218,7 @@ class GaussianDotProductAttention(SoftmaxAttention):
 
     @classmethod
     def capabilities_for(cls, config) -> Capabilities:
-        """``causal=True`` is causal over each token's features; over the tokens there is no causal mode."""
-        if config.axis == "tokens":
-            return dataclasses.replace(cls.capabilities, causal="none")
-        return cls.capabilities
+        return no_causal_mode_over_tokens(cls.capabilities, config)
 
     def build(self, cfg) -> None:
         super().build(cfg)

@@ -19,10 +19,10 @@ from torch import Tensor
 
 from headwise import patterns
 from headwise.core.padding import key_masked_attention
-from headwise.variants.base import Capabilities, SoftmaxAttention
+from headwise.variants.base import Capabilities, ProjectedAttention, SoftmaxAttention
 from headwise.variants.registry import register
 
-__all__ = ["MultiHeadAttention", "GroupedQueryAttention", "MultiQueryAttention", "naive_mha"]
+__all__ = ["MultiHeadAttention", "GroupedQueryAttention", "MultiQueryAttention", "naive_mha", "naive_projections"]
 
 
 @register("mha")
@@ -153,6 +153,20 @@ class MultiQueryAttention(MultiHeadAttention):
             super().__post_init__()
 
 
+def naive_projections(m: ProjectedAttention, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The projections of a :class:`~headwise.variants.base.ProjectedAttention` written out with ``F.linear``:
+    ``q`` ``[B, H, N, D]`` from ``x``, ``k``, ``v`` ``[B, H_kv, M, D]`` from ``context`` (``x`` when None); the
+    start of every module-level reference of a projected variant."""
+    c = x if context is None else context
+    B, N, _ = x.shape
+    M = c.shape[1]
+    H, H_kv, D = m.heads, m.kv_heads, m.head_dim
+    q = F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
+    k = F.linear(c, m.k_proj.weight, m.k_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
+    v = F.linear(c, m.v_proj.weight, m.v_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
+    return q, k, v
+
+
 def naive_mha(m: SoftmaxAttention, x: Tensor, context: Tensor | None = None, key_padding_mask: Tensor | None = None,
               pattern: patterns.Pattern | None | str = "module") -> Tensor:
     """The reference of :class:`MultiHeadAttention` (and of every :class:`~headwise.variants.base.SoftmaxAttention`
@@ -162,15 +176,11 @@ def naive_mha(m: SoftmaxAttention, x: Tensor, context: Tensor | None = None, key
     ``pattern``: the mask to apply; default ``"module"``, the module's :meth:`attention_pattern`. Shapes as
     :meth:`MultiHeadAttention.forward`. The output dropout is not applied (compare in ``eval()`` mode).
     """
-    c = x if context is None else context
-    B, N, _ = x.shape
-    M = c.shape[1]
-    H, H_kv, D = m.heads, m.kv_heads, m.head_dim
-    q = F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
-    k = F.linear(c, m.k_proj.weight, m.k_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
-    v = F.linear(c, m.v_proj.weight, m.v_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
-    k = k.repeat_interleave(H // H_kv, dim=1)  # (B, H, M, D): query head h reads kv head h // (H / H_kv)
-    v = v.repeat_interleave(H // H_kv, dim=1)  # (B, H, M, D)
+    q, k, v = naive_projections(m, x, context)  # (B, H, N, D), 2 x (B, H_kv, M, D)
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    k = k.repeat_interleave(H // m.kv_heads, dim=1)  # (B, H, M, D): query head h reads kv head h // (H / H_kv)
+    v = v.repeat_interleave(H // m.kv_heads, dim=1)  # (B, H, M, D)
     s = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, N, M)
     allowed = torch.ones(B, H, N, M, dtype=torch.bool, device=x.device)
     if isinstance(pattern, str) and pattern == "module":

@@ -23,7 +23,7 @@ from headwise.checks import check_choice, check_number, is_number
 from headwise.core.reference import naive_attention
 from headwise.ops.head_mixture import dense_head_mixture, gather_head_mixture
 from headwise.variants.base import Capabilities, SoftmaxAttention
-from headwise.variants.mha import MultiHeadAttention
+from headwise.variants.mha import MultiHeadAttention, naive_projections
 from headwise.variants.registry import register
 
 __all__ = ["MixtureOfHeadsAttention", "ReLUMixtureOfHeadsAttention", "naive_moh", "naive_relu_moh", "naive_topk_mask"]
@@ -378,13 +378,7 @@ def naive_topk_mask(scores: Tensor, k: int) -> Tensor:
 def _naive_heads(m: _RoutedHeads, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
     """``F.linear`` projections of ``x`` and ``context`` with ``m``'s weights and every head's materialized
     attention (:func:`headwise.core.reference.naive_attention`): ``(q [B, H, N, D], heads [B, H, N, D])``."""
-    c = x if context is None else context
-    B, N, _ = x.shape
-    M = c.shape[1]
-    H, H_kv, D = m.heads, m.kv_heads, m.head_dim
-    q = F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
-    k = F.linear(c, m.k_proj.weight, m.k_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
-    v = F.linear(c, m.v_proj.weight, m.v_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
+    q, k, v = naive_projections(m, x, context)  # (B, H, N, D), 2 x (B, H_kv, M, D)
     return q, naive_attention(q, k, v, m.pattern)[0]  # (B, H, N, D) each
 
 

@@ -23,7 +23,7 @@ from headwise.checks import (
 from headwise.core.attention import attention
 from headwise.core.reference import naive_attention
 from headwise.patterns import Causal, Pattern
-from headwise.variants.base import Capabilities, Variant, check_backend, resolve_pattern
+from headwise.variants.base import Capabilities, Variant, check_backend, resolve_pattern, with_causal
 from headwise.variants.registry import register
 
 __all__ = ["SingleHeadAttention", "naive_single_head"]
@@ -119,10 +119,7 @@ class SingleHeadAttention(Variant):
         self.pre_norm = nn.GroupNorm(1, C_p) if cfg.norm == "group" else nn.LayerNorm(C_p)
         self.qkv = nn.Linear(C_p, 2 * cfg.qk_dim + C_p, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.out_bias)
-        pattern = cfg.pattern
-        if cfg.causal and not isinstance(pattern, Causal):
-            pattern = Causal() if pattern is None else pattern & Causal()
-        self.pattern = pattern  # the pattern every call applies (config pattern and causality)
+        self.pattern = with_causal(cfg.pattern, cfg.causal)  # the pattern every call applies
 
     @property
     def pdim(self) -> int:
