@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from headwise.checks import check_bool, check_grid, check_positive_int, check_tokens
 from headwise.ops.agent import agent_attention, naive_agent_attention
 from headwise.variants.base import Capabilities, ProjectedAttention, check_backend
-from headwise.variants.linear import split_qkv_proj
 from headwise.variants.registry import register
 
 __all__ = ["AgentAttention", "naive_agent"]
@@ -118,7 +117,6 @@ class AgentAttention(ProjectedAttention):
 
     def build(self, cfg) -> None:
         super().build(cfg)
-        self._register_load_state_dict_pre_hook(split_qkv_proj, with_module=True)
         inner = cfg.heads * cfg.head_dim
         conv = nn.Conv1d if cfg.ndim == 1 else nn.Conv2d
         self.dwc = None if cfg.dwc_kernel is None else conv(inner, inner, cfg.dwc_kernel, padding=cfg.dwc_kernel // 2,

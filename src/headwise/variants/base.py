@@ -428,17 +428,32 @@ def key_value_projections(dim: int, features: int, *, bias: bool = True) -> tupl
     return k_proj, v_proj
 
 
-def split_kv_proj(module, state_dict, prefix, *args) -> None:
-    """Load-state-dict pre-hook: map the keys of older checkpoints onto the split projections.
+LEGACY_WRAPPERS = ("mha.", "attn.", "body.")  # submodules that held the projections before architecture v2
+_PROJECTIONS = ("q_proj.", "k_proj.", "v_proj.", "kv_proj.", "qkv_proj.", "out_proj.")
 
-    ``kv_proj.weight`` / ``kv_proj.bias`` (rows ``[:H_kv D]`` the keys, the rest the values) become ``k_proj.*``
-    and ``v_proj.*``; a ``mha.`` level (the variants that wrapped a :class:`MultiHeadAttention`) is dropped."""
-    for key in [k for k in state_dict if k.startswith(prefix + "mha.")]:
-        state_dict[prefix + key[len(prefix) + 4:]] = state_dict.pop(key)
-    for part in ("weight", "bias"):
-        fused = state_dict.pop(prefix + f"kv_proj.{part}", None)
-        if fused is not None:
-            state_dict[prefix + f"k_proj.{part}"], state_dict[prefix + f"v_proj.{part}"] = fused.chunk(2)
+
+def split_kv_proj(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: map the keys of older checkpoints onto ``q_proj``, ``k_proj``, ``v_proj``.
+
+    * a wrapper level in front of a projection (``mha.`` of the variants that wrapped a ``MultiHeadAttention``,
+      ``attn.`` of ``halo`` / ``msa_conv``, ``body.`` of ``multiscale_heads``) is dropped, unless the module has
+      such a child;
+    * ``kv_proj.weight`` / ``.bias`` (rows ``[:F]`` the keys, the rest the values) become ``k_proj.*``, ``v_proj.*``;
+    * ``qkv_proj.*`` (rows ``[q; k; v]``, equal thirds: ``linear``, ``agent``) become ``q_proj.*``, ``k_proj.*``,
+      ``v_proj.*``."""
+    for wrapper in LEGACY_WRAPPERS:
+        if hasattr(module, wrapper[:-1]):
+            continue
+        for key in [k for k in state_dict if k.startswith(prefix + wrapper)]:
+            rest = key[len(prefix) + len(wrapper):]
+            if rest.startswith(_PROJECTIONS):
+                state_dict[prefix + rest] = state_dict.pop(key)
+    for fused_name, parts in (("kv_proj", ("k_proj", "v_proj")), ("qkv_proj", ("q_proj", "k_proj", "v_proj"))):
+        for kind in ("weight", "bias"):
+            fused = state_dict.pop(prefix + f"{fused_name}.{kind}", None)
+            if fused is not None:
+                for name, chunk in zip(parts, fused.chunk(len(parts))):
+                    state_dict[prefix + f"{name}.{kind}"] = chunk
 
 
 class SoftmaxAttention(ProjectedAttention):

@@ -20,7 +20,7 @@ from headwise.patterns.structured import Halo
 from headwise.variants.base import Capabilities, SoftmaxAttention
 from headwise.variants.registry import register
 
-__all__ = ["HaloAttention", "unwrap_attn"]
+__all__ = ["HaloAttention"]
 
 
 @register("halo")
@@ -66,7 +66,6 @@ class HaloAttention(SoftmaxAttention):
             self.grid = Halo(self.grid, self.block, self.halo).grid  # validates grid, block and halo
 
     def build(self, cfg) -> None:
-        self._register_load_state_dict_pre_hook(unwrap_attn, with_module=True)  # before the base's kv_proj split
         super().build(cfg)  # self.pattern: the config's pattern (and Causal) or None
         halo = Halo(cfg.grid, cfg.block, cfg.halo)
         self.pattern = halo if self.pattern is None else halo & self.pattern
@@ -79,11 +78,3 @@ class HaloAttention(SoftmaxAttention):
             raise ValueError(f"x must be [B, N, C] with N = prod(grid={grid}) = {math.prod(grid)}, "
                              f"got x.shape={tuple(x.shape)}")
         return super().forward(x)  # (B, N, C)
-
-
-def unwrap_attn(module, state_dict, prefix, *args) -> None:
-    """Load-state-dict pre-hook: checkpoints of ``halo`` and ``msa_conv`` from before they were on the base hold
-    their wrapped :class:`~headwise.variants.mha.MultiHeadAttention` under ``attn.``; drop that level (registered
-    before the base's hook, which then splits their ``kv_proj``)."""
-    for key in [k for k in state_dict if k.startswith(prefix + "attn.")]:
-        state_dict[prefix + key[len(prefix) + len("attn."):]] = state_dict.pop(key)

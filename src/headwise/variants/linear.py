@@ -22,7 +22,7 @@ from headwise.ops.linear.base import NORMALIZER_EPS, apply_normalizer, with_norm
 from headwise.variants.base import Capabilities, ProjectedAttention, Variant
 from headwise.variants.registry import register
 
-__all__ = ["RecurrentMixer", "LinearAttention", "FEATURE_MAPS", "naive_linear", "split_qkv_proj"]
+__all__ = ["RecurrentMixer", "LinearAttention", "FEATURE_MAPS", "naive_linear"]
 
 
 class RecurrentMixer(Variant):
@@ -149,7 +149,6 @@ class LinearAttention(ProjectedAttention, RecurrentMixer):
 
     def build(self, cfg) -> None:
         super().build(cfg)
-        self._register_load_state_dict_pre_hook(split_qkv_proj, with_module=True)
         self.phi = FEATURE_MAPS[cfg.feature_map]
 
     def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -211,15 +210,3 @@ def naive_linear(m: LinearAttention, x: Tensor) -> Tensor:
         a = a.tril()
     o = (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)  # (B, H, N, D)
     return F.linear(o.transpose(1, 2).reshape(B, N, H * D), m.out_proj.weight, m.out_proj.bias)  # (B, N, C)
-
-
-def split_qkv_proj(module, state_dict, prefix, *args) -> None:
-    """Load-state-dict pre-hook: a fused ``qkv_proj.weight`` / ``qkv_proj.bias`` of an older checkpoint (rows
-    ``[q; k; v]``, equal thirds) becomes ``q_proj.*``, ``k_proj.*`` and ``v_proj.*`` (``linear`` and ``agent``)."""
-    for part in ("weight", "bias"):
-        fused = state_dict.pop(prefix + f"qkv_proj.{part}", None)
-        if fused is not None:
-            q, k, v = fused.chunk(3)
-            state_dict[prefix + f"q_proj.{part}"] = q
-            state_dict[prefix + f"k_proj.{part}"] = k
-            state_dict[prefix + f"v_proj.{part}"] = v

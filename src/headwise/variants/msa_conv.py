@@ -24,7 +24,6 @@ from headwise.core.merge import merge_attention
 from headwise.patterns import Pattern
 from headwise.patterns.structured import ConvWindow, CyclicShift, directional_shifts
 from headwise.variants.base import Capabilities, SoftmaxAttention
-from headwise.variants.halo import unwrap_attn
 from headwise.variants.registry import register
 
 __all__ = ["MSAConv", "pool_grid", "naive_msa_conv", "naive_cell_average"]
@@ -135,7 +134,6 @@ class MSAConv(SoftmaxAttention):
         return dataclasses.replace(cls.capabilities, causal="none", softmax=False)
 
     def build(self, cfg) -> None:
-        self._register_load_state_dict_pre_hook(unwrap_attn, with_module=True)  # before the base's kv_proj split
         super().build(cfg)  # self.pattern: the config's pattern (and Causal) or None
         window = cfg.window()
         self.pattern = window if self.pattern is None else window & self.pattern

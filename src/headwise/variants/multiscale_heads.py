@@ -92,10 +92,6 @@ class MultiScaleHeads(SoftmaxAttention):
                 self.grid = check_grid("grid", self.grid, 2)
                 _check_grid_divisible(self.grid, self.scales)
 
-    def build(self, cfg) -> None:
-        self.register_load_state_dict_pre_hook(_drop_body_prefix)  # before the base's kv_proj split
-        super().build(cfg)
-
     def forward(self, x: Tensor, grid: tuple[int, int] | None = None) -> tuple[Tensor, ...]:
         """``x`` ``[B, N, C]`` on ``grid`` ``(h, w)`` (default: the config's, else square) -> ``scales`` tensors
         ``[B, N/4^s, C]``."""
@@ -169,10 +165,3 @@ def naive_multiscale_heads(m: MultiScaleHeads, x: Tensor, grid: tuple[int, int] 
         f = 2 ** s
         outs.append(F.avg_pool2d(full.transpose(1, 2).reshape(B, C, h, w), f).flatten(2).transpose(1, 2))
     return outs
-
-
-def _drop_body_prefix(module, state_dict, prefix, *args) -> None:
-    """Load-state-dict pre-hook: checkpoints written before the move onto the base held the projections in a
-    ``body`` submodule (``body.q_proj.weight``, ``body.kv_proj.weight``, ...); drop that level."""
-    for key in [k for k in state_dict if k.startswith(prefix + "body.")]:
-        state_dict[prefix + key[len(prefix) + 5:]] = state_dict.pop(key)
