@@ -1,7 +1,7 @@
 """headwise arena: train and compare attention variants on small tasks.
 
 * :mod:`headwise.arena.models`: LM / ViT / in-context-regression builders whose mixers are registry specs, and
-  the one adapter (:func:`plan_mixer`) that says how -- or why not -- a variant serves a model;
+  :func:`plan_mixer`, which reads a variant's declared capabilities to say how -- or why not -- it serves a model;
 * :mod:`headwise.arena.tasks`: the task registry (``get_task("mqar")``);
 * :mod:`headwise.arena.train`: the deterministic, resumable AdamW + cosine training loop, and its data-parallel
   form (:func:`data_parallel_train`, under ``torchrun``);

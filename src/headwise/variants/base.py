@@ -100,7 +100,7 @@ class Capabilities:
         """One line for ``headwise list``: the declarations that differ from a plain token mixer."""
         parts = [self.layout]
         if self.causal != "none":
-            parts.append("causal" if self.causal == "always" else "causal=True")
+            parts.append(f"causal: {self.causal}")
         if self.grid != "none":
             parts.append(f"grid {self.grid}")
         for flag, word in ((self.tokens, "fixed N"), (self.context, "context"), (self.key_padding, "key padding"),

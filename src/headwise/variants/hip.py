@@ -63,7 +63,6 @@ class HiPAttention(ProjectedAttention):
     @dataclass
     class Config(ProjectedAttention.Config):
         backend: str = "auto"  # selected-blocks engine backend: "auto", "reference", "blocksparse"
-
         block: int = 64  # query and key block size in tokens
         topk: int = 8  # key blocks the tree search keeps per query block
         window: int = 2  # sliding-window key blocks per query block (the own block and window - 1 before it)

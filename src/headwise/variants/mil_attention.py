@@ -49,7 +49,7 @@ class MILAttention(Variant):
 
     (Multiple Branch Attention). STKIM: in training, among each branch's top-``k`` instances (by ``s``),
     ``floor(k p)`` chosen uniformly at random get ``mask = -inf``, so a branch cannot rely on a few instances
-    (``k = mask_top_k``, ``p = mask_ratio``). The bag embedding pools with the branch-averaged *unmasked*
+    (``k = mask_topk``, ``p = mask_ratio``). The bag embedding pools with the branch-averaged *unmasked*
     attention, ``\bar a_k = \frac{1}{M}\sum_m \mathrm{softmax}_k(s_{m,k})``, ``z = \sum_k \bar a_k h_k``; with
     ``classes`` set, a linear classifier per branch gives ``branch_logits`` (trained with the bag label and the
     paper's diversity loss) and one on ``z`` gives ``logits``.
@@ -61,12 +61,12 @@ class MILAttention(Variant):
         dim: instance feature width ``C``.
         branches: number of attention branches ``M`` (default 5, ACMIL's).
         hidden: width ``L`` of ``V`` and ``U`` (default 128).
-        mask_top_k: ``k``, the number of top instances eligible for masking (default 10); 0 disables STKIM.
+        mask_topk: ``k``, the number of top instances eligible for masking (default 10); 0 disables STKIM.
         mask_ratio: ``p``, the fraction of them masked, in ``[0, 1]`` (default 0.6, ACMIL's).
         classes: number of classes for the classifiers; None (default) returns no logits.
 
     Choices made here: masking uses ``floor(k p)`` instances as the authors' code does (not a Bernoulli draw
-    per instance), with ``k = min(mask_top_k, N)``, and never masks all ``N`` instances of a branch (at most
+    per instance), with ``k = min(mask_topk, N)``, and never masks all ``N`` instances of a branch (at most
     ``N - 1``). The top-k selection uses the scores without gradient. ACMIL's feature-reduction layer before
     pooling is left to the caller. Masking is active only in ``train()`` mode. The module pools a bag (order-free)
     into one embedding: it is not a token mixer (its first output is ``[B, C]``).
@@ -81,14 +81,15 @@ class MILAttention(Variant):
 
     # yet; its [B, M, N] branch attention has no per-token queries, so no [B, H, N, M] weights either
     capabilities = Capabilities(layout="set", output="tuple", weights="none", mixer=False)  # first output: [B, C]
-    example_config = {"dim": 16, "branches": 3, "hidden": 8, "mask_top_k": 4, "classes": 3}
+    example_config = {"dim": 16, "branches": 3, "hidden": 8, "mask_topk": 4, "classes": 3}
+    aliases = {"mask_top_k": "mask_topk"}
 
     @dataclass
     class Config:
         dim: int  # instance feature width C of the bag [B, N, C]
         branches: int = 5  # number of attention branches M
         hidden: int = 128  # width L of the gated attention's V and U projections
-        mask_top_k: int = 10  # top instances per branch eligible for stochastic masking; 0: no masking
+        mask_topk: int = 10  # top instances per branch eligible for stochastic masking; 0: no masking
         mask_ratio: float = 0.6  # fraction of the top-k instances masked in training, in [0, 1]
         classes: int | None = None  # classes of the bag and branch classifiers; None: no classifiers
 
@@ -96,8 +97,8 @@ class MILAttention(Variant):
             check_positive_int("dim", self.dim)
             check_positive_int("branches", self.branches)
             check_positive_int("hidden", self.hidden)
-            if isinstance(self.mask_top_k, bool) or not isinstance(self.mask_top_k, int) or self.mask_top_k < 0:
-                raise ValueError(f"mask_top_k must be a non-negative int, got mask_top_k={self.mask_top_k!r}")
+            if isinstance(self.mask_topk, bool) or not isinstance(self.mask_topk, int) or self.mask_topk < 0:
+                raise ValueError(f"mask_topk must be a non-negative int, got mask_topk={self.mask_topk!r}")
             self.mask_ratio = check_number("mask_ratio", self.mask_ratio, 0, 1)
             if self.classes is not None:
                 check_positive_int("classes", self.classes)
@@ -118,7 +119,7 @@ class MILAttention(Variant):
     def instance_mask(self, s: Tensor) -> Tensor:
         """STKIM's mask ``[B, M, N]`` (True = masked): ``floor(k p)`` random instances among each branch's top k."""
         B, M, N = s.shape
-        k = min(self.config.mask_top_k, N)
+        k = min(self.config.mask_topk, N)
         drop = min(int(k * self.config.mask_ratio), N - 1)
         mask = torch.zeros_like(s, dtype=torch.bool)
         if drop == 0:
@@ -135,7 +136,7 @@ class MILAttention(Variant):
         s = self.scores(x)  # (B, M, N)
         a = torch.softmax(s, dim=-1)  # (B, M, N) unmasked
         bag = a.mean(1, keepdim=True) @ x  # (B, 1, C)
-        if self.training and self.config.mask_top_k > 0:
+        if self.training and self.config.mask_topk > 0:
             a = torch.softmax(s.masked_fill(self.instance_mask(s), -math.inf), dim=-1)  # (B, M, N)
         branches = a @ x  # (B, M, C)
         bag = bag[:, 0]  # (B, C)

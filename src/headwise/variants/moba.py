@@ -55,7 +55,6 @@ class MoBAAttention(ProjectedAttention):
     @dataclass
     class Config(ProjectedAttention.Config):
         backend: str = "auto"  # selected-blocks engine backend: "auto", "reference", "blocksparse"
-
         block: int = 512  # key (and query) block size in tokens
         topk: int = 3  # blocks each query visits, its own block included
         causal: bool = True  # causal attention: only earlier blocks compete, token-level mask in the own block

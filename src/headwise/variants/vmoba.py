@@ -59,7 +59,6 @@ class VMoBAAttention(ProjectedAttention):
     @dataclass
     class Config(ProjectedAttention.Config):
         backend: str = "auto"  # selected-blocks engine backend: "auto", "reference", "blocksparse"
-
         grid: tuple[int, int, int] | None = None  # the video's (T, H, W) token grid, required
         layer: int = 0  # layer index: partition ("1d", "2d", "3d")[layer % 3]
         partition: str | None = None  # "1d", "2d" or "3d" overriding the layer cycle; None: from layer

@@ -4,7 +4,7 @@ attention (attention rollout) and LSceneLLM's dense token selector.
 
 Pure functions: no parameters, no gradients (the papers train through the attention over the chosen keys only,
 the choice itself is not differentiated). The attention that uses these selections is in
-:mod:`headwise.variants.dynamic` (DMA, top-k, Sparsifiner) and :mod:`headwise.variants.glca` (DCAL's GLCA).
+:mod:`headwise.ops.dma`, :mod:`headwise.ops.topk` (DMA, top-k, Sparsifiner) and :mod:`headwise.variants.glca` (DCAL's GLCA).
 
 Tie-breaking, everywhere and in the brute-force tests: equal scores rank the lower index first (the order of a
 stable descending sort). A selection keeps ``min(count, available)`` entries.
@@ -110,7 +110,7 @@ def dma_mask(z: Tensor, n_q: int, window: int, causal: bool = True) -> Tensor:
 
 @dataclass
 class DMABlocks:
-    """Causal DMA selection per query block, for :func:`headwise.variants.dynamic.dma_attention`.
+    """Causal DMA selection per query block, for :func:`headwise.ops.dma.dma_attention`.
 
     Query block ``c`` holds queries ``a = c * block`` .. ``a + block - 1``. Because the bias ``z`` depends on the key
     only, the keys any query of the block keeps are among ``prefix[c]`` (the ``window`` best keys before ``a``, best
