@@ -141,3 +141,24 @@ def test_demo_writes_report(tmp_path, capsys):
     assert "| case | shape | density |" in text and "| tiny-causal | 64 |" in text
     assert "max abs difference" in text
     assert json.loads((folder / "bench.json").read_text())["rows"][0]["case"] == "tiny-causal"
+
+
+def test_every_subcommand_is_a_module_with_add_arguments_and_main():
+    import importlib
+
+    from headwise.cli import COMMANDS
+
+    for cmd in COMMANDS:
+        module = importlib.import_module(cmd.module)
+        assert callable(module.add_arguments) and callable(module.main), cmd.name
+
+
+def test_every_bench_subcommand_takes_the_common_flags():
+    from headwise.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    benches = [c.name.split()[1] for c in COMMANDS if c.name.startswith("bench ")]
+    assert set(benches) == {"patterns", "variants", "linear", "distributed", "dynamic"}
+    for name in benches:
+        args = parser.parse_args(["bench", name, "--quick", "--json", "a.json", "--markdown", "b.md", "--no-progress"])
+        assert (args.quick, args.json, args.markdown, args.no_progress) == (True, "a.json", "b.md", True), name

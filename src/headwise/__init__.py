@@ -14,7 +14,8 @@ from headwise.variants.mha import MultiHeadAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "merge_attention", "patterns", "linear", "create", "available", "register", "MultiHeadAttention", "__version__"]
+__all__ = ["attention", "merge_attention", "patterns", "linear", "create", "available", "register", "MultiHeadAttention",
+           "__version__"]
 
 # imported on first use, so that `import headwise` stays light: the tools, and two ops packages by their short names
 _LAZY = {
@@ -22,7 +23,8 @@ _LAZY = {
     "bench": "headwise.bench", "simulate": "headwise.simulate", "moa": "headwise.moa", "parallel": "headwise.parallel",
     "distributed": "headwise.distributed", "losses": "headwise.losses", "selection": "headwise.ops.selection",
 }
-TOOLS = ("inspect", "analysis", "arena", "bench", "simulate", "moa", "parallel", "cli", "demo")  # never loaded by `import headwise`
+# the tool packages, which `import headwise` never loads
+TOOLS = ("inspect", "analysis", "arena", "bench", "simulate", "moa", "parallel", "cli", "demo")
 
 
 def __getattr__(name: str):

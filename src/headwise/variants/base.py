@@ -58,8 +58,8 @@ from headwise.core.attention import BACKENDS, attention
 from headwise.patterns import Causal, Pattern, from_spec
 
 __all__ = ["Capabilities", "Variant", "ProjectedAttention", "SoftmaxAttention", "LAYOUTS", "CAUSAL_MODES",
-           "GRID_NEEDS", "OUTPUTS", "WEIGHTS", "check_backend", "resolve_pattern", "with_causal", "key_value_projections",
-           "split_kv_proj", "identity_values"]
+           "GRID_NEEDS", "OUTPUTS", "WEIGHTS", "check_backend", "resolve_pattern", "with_causal",
+           "key_value_projections", "split_kv_proj", "identity_values"]
 
 LAYOUTS = ("tokens", "image", "set")
 CAUSAL_MODES = ("none", "optional", "always")
@@ -70,11 +70,21 @@ WEIGHTS = ("observed", "method", "scores", "none")
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a variant declares about itself. Tools read it; the tests check every declaration against the
-    module's behaviour (``tests/variants/test_capabilities.py``)."""
+    """What a variant declares about itself. Tools read it; ``tests/variants/test_capabilities.py`` checks every
+    declaration against the module's behaviour.
 
-    layout: str = "tokens"  # forward's first input: "tokens" x [B, N, C]; "image" x [B, C, H, W]; "set" x [B, N, C], order-free
-    causal: str = "none"  # "none": no causal mode; "optional": the config field `causal` switches it on; "always": causal by construction
+    * ``causal``: ``"optional"`` means a config field ``causal`` switches the causal mode on; ``"always"`` that the
+      module is causal by construction (output ``i`` depends on inputs ``<= i`` only).
+    * ``weights``, what ``headwise inspect`` records: ``"observed"`` (its attention goes through
+      :func:`headwise.attention`), ``"method"`` (``attention_weights(*inputs)`` returns probabilities
+      ``[B, H, N, M]``), ``"scores"`` (the same method returns an unnormalised mixing matrix: linear attention
+      without a denominator), ``"none"`` (no attention matrix).
+    * ``softmax``: ``attend(q, k, v)`` is exactly ``headwise.attention(q, k, v, attention_pattern(N, M))`` between
+      per-token projections, so tools may run that step their own way (ring attention, a dense profile).
+    """
+
+    layout: str = "tokens"  # forward's first input: "tokens" [B, N, C]; "image" [B, C, H, W]; "set" [B, N, C], order-free
+    causal: str = "none"  # causal mode: "none", "optional" (config `causal`), "always"
     grid: str = "none"  # token grid (config field `grid`): "none" (not used), "optional" (used when set), "required"
     tokens: bool = False  # sized for one sequence length: the config field `tokens` must equal N
     context: bool = False  # forward(x, context) attends from x to another sequence [B, M, C]
@@ -83,8 +93,8 @@ class Capabilities:
     output: str = "tensor"  # "tensor": y; "tuple": (y, extras...) with y first
     mixer: bool = True  # y has x's shape: a token mixer that can replace attention inside a block
     decode: bool = False  # prefill(x) -> (y, state) and step(x_t, state) -> (y_t, state) reproduce forward
-    weights: str = "observed"  # what inspect records: "observed" (it calls headwise.attention), "method" (attention_weights(*inputs) -> probabilities [B, H, N, M]), "scores" (the same method, an unnormalised mixing matrix: linear attention without a denominator), "none"
-    softmax: bool = False  # attend(q, k, v) is headwise.attention with attention_pattern(N, M) on per-token projections, so tools may run it their way (ring, dense profile)
+    weights: str = "observed"  # what inspect records: "observed", "method", "scores" or "none" (above)
+    softmax: bool = False  # the attention step is plain softmax attention with attention_pattern (above)
 
     def __post_init__(self):
         for name, valid in (("layout", LAYOUTS), ("causal", CAUSAL_MODES), ("grid", GRID_NEEDS),
