@@ -8,16 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from headwise.losses import AMCLLoss, amcl_terms, temperature_regularizer
-
-F64 = torch.float64
+from common import F64, rand
 
 
 def t(*values):
     return torch.tensor(values, dtype=F64)
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 def test_terms_known_answer():

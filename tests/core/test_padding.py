@@ -5,10 +5,7 @@ import torch
 
 from headwise import patterns
 from headwise.core.padding import key_masked_attention
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+from common import rand
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

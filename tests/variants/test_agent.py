@@ -9,17 +9,7 @@ import torch.nn.functional as F
 
 import headwise
 from headwise.variants.agent import AgentAttention, naive_agent
-
-F64 = torch.float64
-
-
-def tokens(B, N, C, seed=0):
-    return torch.randn(B, N, C, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def build(spec, seed=0, **kw):
-    torch.manual_seed(seed)
-    return headwise.create(spec, **kw).double()
+from common import assert_loads_old_checkpoint, assert_same_forward_and_grads, build, fused_checkpoint, rand
 
 
 def _projections(m, x):
@@ -41,13 +31,13 @@ def _agent_closed_form(m, x):
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_agent_with_as_many_agents_as_tokens_is_the_closed_form(backend):
     m = build(f"agent(agents=20, agent_bias=False, dwc_kernel=None, backend={backend!r})", dim=24, heads=3)
-    x = tokens(2, 20, 24)
+    x = rand(2, 20, 24)
     torch.testing.assert_close(m(x), _agent_closed_form(m, x), rtol=1e-10, atol=1e-10)
 
 
 def test_agent_on_a_grid_with_as_many_agents_as_tokens_is_the_closed_form():
     m = build("agent(ndim=2, agents=16, agent_bias=False, dwc_kernel=None)", dim=24, heads=3)
-    x = tokens(2, 16, 24)
+    x = rand(2, 16, 24)
     torch.testing.assert_close(m(x, grid=(4, 4)), _agent_closed_form(m, x), rtol=1e-10, atol=1e-10)
 
 
@@ -58,13 +48,8 @@ def test_agent_matches_its_reference_forward_and_backward(ndim, N, grid, kw):
     """The full module against naive_agent, its equations written out: pooled agents, interpolated biases,
     depthwise conv, both softmax steps materialized."""
     m = build(f"agent(ndim={ndim}, agents=4, dwc_kernel=3, bias_resolution=3)", dim=16, heads=2, **kw)
-    x = tokens(2, N, 16).requires_grad_()
-    got, want = m(x, grid=grid), naive_agent(m, x, grid)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    g = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
-    grads = torch.autograd.grad((got * g).sum(), [x, *m.parameters()])
-    for a, b in zip(grads, torch.autograd.grad((want * g).sum(), [x, *m.parameters()])):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    x = rand(2, N, 16, requires_grad=True)
+    grads = assert_same_forward_and_grads(m(x, grid=grid), naive_agent(m, x, grid), [x, *m.parameters()], seed=1)
     if N > 1:  # every parameter takes part
         assert all(a.abs().sum() > 0 for a in grads[1:])
 
@@ -74,7 +59,7 @@ def test_config_grid_sets_ndim_and_the_call_may_override_it():
     assert m.config.ndim == 2 and m.config.grid == (5, 7) and m.agent_bias.shape == (2, 4, 3, 3)
     per_call = build("agent(ndim=2, agents=4, bias_resolution=3)", dim=16, heads=2)
     per_call.load_state_dict(m.state_dict())
-    x = tokens(2, 35, 16)
+    x = rand(2, 35, 16)
     torch.testing.assert_close(m(x), per_call(x, grid=(5, 7)), rtol=0, atol=0)
     torch.testing.assert_close(m(x), naive_agent(m, x), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(m(x, grid=(7, 5)), per_call(x, grid=(7, 5)), rtol=0, atol=0)
@@ -95,21 +80,16 @@ def test_agent_attends_between_tokens_and_agents_only(monkeypatch):
 
     monkeypatch.setattr(agent_ops, "attention", recording)
     m = build("agent(agents=16)", dim=32, heads=2)
-    assert m(tokens(1, 500, 32)).shape == (1, 500, 32)
+    assert m(rand(1, 500, 32)).shape == (1, 500, 32)
     assert calls == [(16, 500), (500, 16)]
 
 
 def test_fused_qkv_checkpoint_loads():
     """Checkpoints from before the split projections (one ``qkv_proj``, rows [q; k; v]) load into q/k/v_proj."""
     m = build("agent(agents=4)", dim=16, heads=2)
-    state = m.state_dict()
-    old = {k: v for k, v in state.items() if not k.startswith(("q_proj", "k_proj", "v_proj"))}
-    for part in ("weight", "bias"):
-        old[f"qkv_proj.{part}"] = torch.cat([state[f"{p}_proj.{part}"] for p in "qkv"])
     fresh = build("agent(agents=4)", seed=1, dim=16, heads=2)
-    fresh.load_state_dict(old)
-    x = tokens(1, 11, 16)
-    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    old = fused_checkpoint(m.state_dict(), ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+    assert_loads_old_checkpoint(fresh, old, m, rand(1, 11, 16))
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -129,7 +109,7 @@ def test_bad_configs(spec, match):
 
 def test_bad_calls():
     agent1, agent2 = build("agent(agents=4)", dim=16, heads=2), build("agent(ndim=2, agents=4)", dim=16, heads=2)
-    x = tokens(1, 12, 16)
+    x = rand(1, 12, 16)
     with pytest.raises(ValueError, match=r"grid=\(3, 5\) does not multiply to the number of tokens N=12"):
         agent2(x, grid=(3, 5))
     with pytest.raises(ValueError, match=r"needs grid=\(h, w\)"):
@@ -137,7 +117,7 @@ def test_bad_calls():
     with pytest.raises(ValueError, match=r"grid is only for ndim=2"):
         agent1(x, grid=(3, 4))
     with pytest.raises(ValueError, match=r"x must be \[B, N, C\] with C = dim = 16"):
-        agent1(tokens(1, 5, 8))
+        agent1(rand(1, 5, 8))
 
 
 def test_registered_and_created():

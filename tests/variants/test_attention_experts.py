@@ -14,27 +14,18 @@ from headwise.variants.attention_experts import (
     upcycle_attention,
 )
 from headwise.variants.mha import MultiHeadAttention
+from common import (
+    ABS_TOL,
+    assert_backward_reaches_every_parameter,
+    assert_loads_old_checkpoint,
+    assert_same_forward_and_grads,
+    build,
+    check_deterministic_under_seed,
+    check_shape_and_dtype,
+    rand,
+)
 
 DIM, HEADS = 48, 4
-
-
-def _x(B=2, N=63, dim=DIM, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, N, dim, generator=g, dtype=dtype).requires_grad_(True)
-
-
-def _grads(module, x, y):
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
-    params = [p for p in module.parameters()]
-    return torch.autograd.grad(y, [x, *params], g)
-
-
-def _assert_same_forward_backward(module, fast, naive, x, atol=1e-10):
-    y_fast, y_naive = fast(x), naive(x)
-    torch.testing.assert_close(y_fast, y_naive, atol=atol, rtol=0)
-    for a, b in zip(_grads(module, x, y_fast), _grads(module, x, y_naive)):
-        torch.testing.assert_close(a, b, atol=atol, rtol=0)
-
 
 SPECS = ["attention_experts", "attention_experts(share_kv=True, topk=2)",
          "attention_experts(causal=True, qkv_bias=False)"]
@@ -43,31 +34,19 @@ SPECS = ["attention_experts", "attention_experts(share_kv=True, topk=2)",
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("spec", SPECS)
 def test_shape_and_dtype(spec, dtype):
-    torch.manual_seed(0)
-    m = headwise.create(spec, dim=DIM, heads=HEADS).to(dtype)
-    y = m(torch.randn(3, 17, DIM, dtype=dtype))
-    assert y.shape == (3, 17, DIM) and y.dtype == dtype
-    assert torch.isfinite(y).all()
+    check_shape_and_dtype(spec, dict(heads=HEADS), 17, dtype, B=3, dim=DIM)
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_gradients_reach_every_parameter(spec):
-    torch.manual_seed(0)
-    m = headwise.create(spec, dim=DIM, heads=HEADS).double()
-    m(_x()).square().sum().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    m = build(spec, dim=DIM, heads=HEADS)
+    assert_backward_reaches_every_parameter(m, m(rand(2, 63, DIM)))
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_deterministic_under_seed(spec):
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        m = headwise.create(spec, dim=DIM, heads=HEADS)
-        outs.append(m(torch.randn(2, 20, DIM)))
-    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    check_deterministic_under_seed(spec, dict(heads=HEADS), 20, dim=DIM, seed=123, eval_mode=False, input_seed=None,
+                                   calls=1)
 
 
 @pytest.mark.parametrize("N", [1, 63])
@@ -77,7 +56,8 @@ def test_attention_experts_matches_naive(N, share_kv, topk, causal):
     torch.manual_seed(0)
     m = AttentionExperts(DIM, HEADS, experts=3, share_kv=share_kv, topk=topk,
                          pattern=Causal() if causal else None).double()
-    _assert_same_forward_backward(m, m, lambda x: naive_attention_experts(m, x), _x(N=N))
+    x = rand(2, N, DIM, requires_grad=True)
+    assert_same_forward_and_grads(m(x), naive_attention_experts(m, x), [x, *m.parameters()], ABS_TOL, seed=1)
 
 
 def test_causal_field_is_the_causal_pattern():
@@ -85,7 +65,7 @@ def test_causal_field_is_the_causal_pattern():
     m = AttentionExperts(DIM, HEADS, experts=2, causal=True).double()
     by_pattern = AttentionExperts(DIM, HEADS, experts=2, pattern=Causal()).double()
     by_pattern.load_state_dict(m.state_dict())
-    x = _x(N=20)
+    x = rand(2, 20, DIM)
     torch.testing.assert_close(m(x), by_pattern(x), atol=0, rtol=0)
     torch.testing.assert_close(m(x), naive_attention_experts(m, x), atol=1e-10, rtol=0)
 
@@ -94,7 +74,7 @@ def test_one_expert_equals_mha():
     torch.manual_seed(0)
     mha = MultiHeadAttention(DIM, HEADS, pattern=Causal()).double()
     moa = upcycle_attention([mha])
-    x = _x()
+    x = rand(2, 63, DIM)
     torch.testing.assert_close(moa(x), mha(x), atol=1e-12, rtol=0)
     # the registered constructor with experts=1 and the same weights, against the reference backend
     m = AttentionExperts(DIM, HEADS, experts=1, pattern=Causal(), backend="reference").double()
@@ -107,7 +87,7 @@ def test_upcycle_keeps_the_causal_mode():
     mha = MultiHeadAttention(DIM, HEADS, causal=True).double()
     moa = upcycle_attention([mha])
     assert moa.config.causal
-    x = _x(N=20)
+    x = rand(2, 20, DIM)
     torch.testing.assert_close(moa(x), mha(x), atol=1e-12, rtol=0)
 
 
@@ -117,7 +97,7 @@ def test_upcycle_mixes_the_dense_layers(share_kv):
     layers = [MultiHeadAttention(DIM, HEADS).double() for _ in range(3)]
     moa = upcycle_attention(layers, share_kv=share_kv)
     assert moa.config.experts == 3 and moa.config.share_kv == share_kv and moa.q_weight.dtype == torch.float64
-    x = _x(N=20)
+    x = rand(2, 20, DIM)
     gates = moa.route(x)  # (B, N, E)
     if share_kv:  # each expert's k, v are the average of the layers'
         for name in ("k_proj", "v_proj"):
@@ -153,9 +133,7 @@ def test_fused_kv_checkpoints_still_load(share_kv):
     old["kv_weight"] = torch.cat([m.k_weight, m.v_weight], dim=-2).detach()
     old["kv_bias"] = torch.cat([m.k_bias, m.v_bias], dim=-1).detach()
     fresh = AttentionExperts(DIM, HEADS, experts=3, share_kv=share_kv).double()
-    fresh.load_state_dict(old)
-    x = _x(N=9)
-    torch.testing.assert_close(fresh(x), m(x), atol=0, rtol=0)
+    assert_loads_old_checkpoint(fresh, old, m, rand(2, 9, DIM))
 
 
 def test_attention_experts_routing_invariants():

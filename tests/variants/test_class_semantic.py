@@ -7,7 +7,7 @@ import torch
 
 import headwise
 from headwise.variants.class_semantic import ClassSemanticAttention, naive_class_semantic
-from variants.mixers_common import rand
+from common import assert_all_params_get_grads, assert_same_forward_and_grads, rand
 
 
 @pytest.mark.parametrize("B,T,C,S,k", [(2, 1, 8, 8, 3), (1, 63, 12, 5, 5), (3, 17, 4, 9, 1)],
@@ -15,25 +15,17 @@ from variants.mixers_common import rand
 def test_matches_naive_forward_and_backward(B, T, C, S, k):
     torch.manual_seed(0)
     m = ClassSemanticAttention(C, semantic_dim=S, hidden=6, kernel_size=k).double()
-    x = rand(B, T, C, seed=1).requires_grad_()
-    r = rand(B, T, S, seed=2).requires_grad_()
+    x = rand(B, T, C, seed=1, requires_grad=True)
+    r = rand(B, T, S, seed=2, requires_grad=True)
     out, ref = m(x, r), naive_class_semantic(m, x, r)
     assert out.shape == (B, T, C)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
-    g = rand(B, T, C, seed=3)
-    params = [x, r, *m.parameters()]
-    for a, b in zip(torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((ref * g).sum(), params)):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert_same_forward_and_grads(out, ref, [x, r, *m.parameters()], dict(rtol=0, atol=1e-12), seed=3)
 
 
 def test_every_parameter_gets_a_gradient():
     torch.manual_seed(1)
     m = ClassSemanticAttention(8, semantic_dim=4).double()
-    out = m(rand(2, 9, 8, seed=4), rand(2, 9, 4, seed=5))
-    params = dict(m.named_parameters())
-    grads = torch.autograd.grad((out * rand(*out.shape, seed=6)).sum(), list(params.values()))
-    for (name, _), g in zip(params.items(), grads):
-        assert torch.isfinite(g).all() and g.abs().max() > 0, name
+    assert_all_params_get_grads(m, m(rand(2, 9, 8, seed=4), rand(2, 9, 4, seed=5)), seed=6)
 
 
 def test_zero_gates_are_the_identity():

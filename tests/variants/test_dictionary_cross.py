@@ -7,7 +7,7 @@ import torch
 import headwise
 from headwise.variants.dictionary_cross import DictionaryCrossAttention
 from headwise.variants.mha import naive_mha
-from variants.cross_common import assert_all_params_get_grads, mha_like, rand
+from common import assert_all_params_get_grads, assert_loads_old_checkpoint, fused_checkpoint, mha_like, rand
 
 
 @pytest.mark.parametrize("N,S,kv_heads", [(1, 1, 4), (17, 32, 2), (63, 5, 1)], ids=lambda v: str(v))
@@ -47,10 +47,5 @@ def test_dictionary_cross_output_token_reads_only_its_own_input():
 def test_dictionary_cross_loads_kv_proj_checkpoints():
     torch.manual_seed(0)
     m = DictionaryCrossAttention(8, 2, entries=6).double()
-    sd = dict(m.state_dict())
-    sd["kv_proj.weight"] = torch.cat([sd.pop("k_proj.weight"), sd.pop("v_proj.weight")])
-    sd["kv_proj.bias"] = torch.cat([sd.pop("k_proj.bias"), sd.pop("v_proj.bias")])
     fresh = DictionaryCrossAttention(8, 2, entries=6).double()
-    fresh.load_state_dict(sd)
-    x = rand(2, 9, 8)
-    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    assert_loads_old_checkpoint(fresh, fused_checkpoint(m.state_dict()), m, rand(2, 9, 8))

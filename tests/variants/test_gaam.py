@@ -12,13 +12,13 @@ from headwise.variants.gaam import (
     naive_gaam_attention,
 )
 from headwise.variants.mha import MultiHeadAttention
-
-F64 = torch.float64
-
-
-def grads(out, wrt, seed=0):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return torch.autograd.grad((out * g).sum(), wrt)
+from common import (
+    F64,
+    assert_same_forward_and_grads,
+    check_deterministic_under_seed,
+    check_gradients_reach_every_parameter,
+    check_shape_and_dtype,
+)
 
 
 @pytest.mark.parametrize("axis", ["features", "tokens"])
@@ -31,11 +31,8 @@ def test_gaam_module_is_x_times_the_weights(axis):
     xh = x.view(4, 13, 3, 8).transpose(1, 2)  # (B, H, N, d)
     w = naive_gaussian_weights(xh, m.gaussians.mean_offsets, m.gaussians.scales, -1 if axis == "features" else -2)
     ref = (xh * w).transpose(1, 2).reshape(4, 13, 24)
-    out = m(x)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    wrt = [x, m.gaussians.mean_offsets, m.gaussians.scales]
-    for a, b in zip(grads(out, wrt), grads(ref, wrt)):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_same_forward_and_grads(m(x), ref, [x, m.gaussians.mean_offsets, m.gaussians.scales],
+                                  dict(rtol=1e-10, atol=1e-12), grad_tol=dict(rtol=1e-8, atol=1e-10))
     density = w.mean(0).transpose(0, 1).reshape(13, 24)
     torch.testing.assert_close(m.density, density.detach())
     torch.testing.assert_close(m.importance_factor, importance_factor(density.detach()))
@@ -53,11 +50,8 @@ def test_gaam_attention_matches_naive(targets, axis, kv_heads, pattern):
         for g in m.gaussians.values():
             g.mean_offsets.normal_(0, 0.5), g.scales.uniform_(0.6, 2.0)
     x = torch.randn(2, 19, 32, dtype=F64, requires_grad=True)
-    out, ref = m(x), naive_gaam_attention(m, x)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    wrt = [x, *m.parameters()]
-    for a, b in zip(grads(out, wrt), grads(ref, wrt)):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_same_forward_and_grads(m(x), naive_gaam_attention(m, x), [x, *m.parameters()], 1e-10,
+                                  grad_tol=dict(rtol=1e-8, atol=1e-10))
     assert set(m.importance_factor) == set(targets)
 
 
@@ -87,41 +81,25 @@ def test_causality_follows_the_axis():
     assert (m(x2)[:, :5] - m(x)[:, :5]).abs().max() > 1e-6  # earlier outputs see later tokens
 
 
-CONTRACT = {"gaam": ("gaam", 33), "gaam-tokens": ("gaam(axis='tokens', gaussians=2)", 33),
-            "gaam_attention": ("gaam_attention", 33), "gaam_attention-gqa-qkv": ("gaam_attention(kv_heads=2, targets='qkv')", 33)}
+CONTRACT = {"gaam": ("gaam", dict(heads=8), 33), "gaam-tokens": ("gaam(axis='tokens', gaussians=2)", dict(heads=8), 33),
+            "gaam_attention": ("gaam_attention", dict(heads=8), 33),
+            "gaam_attention-gqa-qkv": ("gaam_attention(kv_heads=2, targets='qkv')", dict(heads=8), 33)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
 def test_shape_and_dtype(name, dtype):
-    spec, N = CONTRACT[name]
-    torch.manual_seed(0)
-    m = headwise.create(spec, dim=64, heads=8).to(dtype)
-    y = m(torch.randn(2, N, 64, dtype=dtype))
-    assert y.shape == (2, N, 64) and y.dtype == dtype and torch.isfinite(y).all()
+    check_shape_and_dtype(*CONTRACT[name], dtype)
 
 
 @pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
 def test_gradients_reach_every_parameter(name):
-    spec, N = CONTRACT[name]
-    torch.manual_seed(0)
-    m = headwise.create(spec, dim=64, heads=8)
-    x = torch.randn(2, N, 64, requires_grad=True)
-    m(x).square().sum().backward()
-    for pname, p in [("x", x), *m.named_parameters()]:
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+    check_gradients_reach_every_parameter(*CONTRACT[name])
 
 
 @pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
 def test_deterministic_under_seed(name):
-    spec, N = CONTRACT[name]
-    x = torch.randn(2, N, 64, generator=torch.Generator().manual_seed(3))
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(7)
-        m = headwise.create(spec, dim=64, heads=8)
-        outs += [m(x), m(x)]
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    check_deterministic_under_seed(*CONTRACT[name], eval_mode=False)
 
 
 BAD = [

@@ -11,7 +11,7 @@ import headwise
 from headwise.ops.selection.tokens import attention_rollout
 from headwise.variants.glca import GlobalLocalCrossAttention
 from headwise.variants.mha import naive_mha
-from variants.cross_common import F64, assert_all_params_get_grads, rand
+from common import F64, assert_all_params_get_grads, fused_checkpoint, rand
 
 
 def test_attention_rollout_by_hand():
@@ -66,11 +66,8 @@ def test_glca_default_scores_are_its_own_cls_rollout():
 def test_glca_loads_kv_proj_checkpoints():
     torch.manual_seed(0)
     m = GlobalLocalCrossAttention(8, 2, local_ratio=0.5).double()
-    sd = dict(m.state_dict())
-    sd["kv_proj.weight"] = torch.cat([sd.pop("k_proj.weight"), sd.pop("v_proj.weight")])
-    sd["kv_proj.bias"] = torch.cat([sd.pop("k_proj.bias"), sd.pop("v_proj.bias")])
     fresh = GlobalLocalCrossAttention(8, 2, local_ratio=0.5).double()
-    fresh.load_state_dict(sd)
+    fresh.load_state_dict(fused_checkpoint(m.state_dict()))
     x = rand(2, 9, 8)
     torch.testing.assert_close(fresh(x)[0], m(x)[0], rtol=0, atol=0)
 

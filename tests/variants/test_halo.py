@@ -7,8 +7,7 @@ import headwise
 from headwise.patterns import Causal, Halo
 from headwise.variants.halo import HaloAttention
 from headwise.variants.mha import naive_mha
-
-F64 = torch.float64
+from common import ABS_TOL, F64, assert_loads_old_checkpoint, assert_same_forward_and_grads, fused_checkpoint
 
 
 @pytest.mark.parametrize("kw", [{}, {"kv_heads": 2}], ids=["mha", "gqa"])
@@ -18,11 +17,7 @@ def test_halo_matches_naive_forward_and_backward(kw):
     x = torch.randn(2, 99, 16, dtype=F64, requires_grad=True)  # partial last blocks, cropped windows
     out = m(x)
     ref = naive_mha(m, x, pattern=Halo((9, 11), 4, 1))
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad((out * g).sum(), [x, *m.parameters()]),
-                    torch.autograd.grad((ref * g).sum(), [x, *m.parameters()])):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    assert_same_forward_and_grads(out, ref, [x, *m.parameters()], ABS_TOL, seed=None)
 
 
 def test_causal_intersects_the_halo():
@@ -43,14 +38,8 @@ def test_older_checkpoint_keys_load():
     """Checkpoints of the MultiHeadAttention-wrapping module (``attn.q_proj``, ``attn.kv_proj``, ...) still load."""
     torch.manual_seed(3)
     m = HaloAttention(16, 2, grid=(4, 4), block=2, halo=1)
-    state = m.state_dict()
-    old = {f"attn.{k}": v for k, v in state.items() if not k.startswith(("k_proj", "v_proj"))}
-    for part in ("weight", "bias"):
-        old[f"attn.kv_proj.{part}"] = torch.cat([state[f"k_proj.{part}"], state[f"v_proj.{part}"]])
     fresh = HaloAttention(16, 2, grid=(4, 4), block=2, halo=1)
-    fresh.load_state_dict(old)
-    x = torch.randn(1, 16, 16)
-    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    assert_loads_old_checkpoint(fresh, fused_checkpoint(m.state_dict(), prefix="attn."), m, torch.randn(1, 16, 16))
 
 
 @pytest.mark.parametrize("make,needle", [

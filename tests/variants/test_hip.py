@@ -4,7 +4,7 @@ import pytest
 
 import headwise
 from headwise.ops.hip import naive_hip_attention
-from variants.blocks_common import _module, _tokens, check_full_attention, check_module_against_reference
+from common import assert_module_matches_projected_reference, assert_selection_covering_everything_is_mha, build, rand
 
 CASES = [(4, 3, 2, True, 2, 63, {}), (16, 5, 1, True, 1, 500, {"kv_heads": 1}), (8, 2, 3, False, 1, 63, {}),
          (4, 2, 2, True, 1, 1, {})]
@@ -14,13 +14,13 @@ CASES = [(4, 3, 2, True, 2, 63, {}), (16, 5, 1, True, 1, 500, {"kv_heads": 1}), 
                          ids=[f"block{c[0]}-topk{c[1]}-window{c[2]}-{'causal' if c[3] else 'full'}-B{c[4]}-N{c[5]}"
                               for c in CASES])
 def test_module_matches_dense_reference(block, topk, window, causal, B, N, kw):
-    m = _module(f"hip(block={block}, topk={topk}, window={window}, causal={causal})", **kw)
-    check_module_against_reference(m, _tokens(B, N, 16), naive_hip_attention, block=block, topk=topk, window=window,
-                                   causal=causal)
+    m = build(f"hip(block={block}, topk={topk}, window={window}, causal={causal})", dim=16, heads=2, **kw)
+    assert_module_matches_projected_reference(m, rand(B, N, 16, seed=1), naive_hip_attention, block=block, topk=topk,
+                                              window=window, causal=causal)
 
 
 def test_window_and_topk_covering_every_block_is_full_attention():
-    check_full_attention("hip(block=8, topk=4, window=4)", True)
+    assert_selection_covering_everything_is_mha("hip(block=8, topk=4, window=4)", True)
 
 
 def test_causal_leak_is_declared_where_the_blocked_selection_prunes():

@@ -11,17 +11,7 @@ import torch
 import headwise
 from headwise.ops.linear import decay_rates, naive_linear_attention
 from headwise.variants.lightning import LightningAttention, naive_lightning
-
-F64 = torch.float64
-
-
-def tokens(B, N, C, seed=0):
-    return torch.randn(B, N, C, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def build(spec, seed=0, **kw):
-    torch.manual_seed(seed)
-    return headwise.create(spec, **kw).double()
+from common import assert_decoding_equals_forward, assert_same_forward_and_grads, build, rand
 
 
 DECODERS = {
@@ -35,27 +25,12 @@ DECODERS = {
 @pytest.mark.parametrize("N,M", [(1, 5), (37, 9), (130, 3)], ids=lambda x: str(x))
 def test_prefill_then_steps_equals_forward(name, N, M):
     m = build(DECODERS[name], dim=32, heads=4)
-    x = tokens(2, N + M, 32)
-    full = m(x)
-    y, state = m.prefill(x[:, :N])
-    steps = [y]
-    for t in range(N, N + M):
-        y_t, state = m.step(x[:, t], state)
-        steps.append(y_t[:, None])
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+    assert_decoding_equals_forward(m, rand(2, N + M, 32), [("prefill", N), ("step", M)])
 
 
 def test_steps_from_scratch_and_chunked_prefill():
     m = build(DECODERS["lightning-decay"], dim=32, heads=4)
-    x = tokens(1, 40, 32, seed=1)
-    full = m(x)
-    state, outs = None, []
-    for t in range(5):
-        y_t, state = m.step(x[:, t], state)
-        outs.append(y_t[:, None])
-    y, state = m.prefill(x[:, 5:21], state)
-    y2, state = m.prefill(x[:, 21:], state)
-    torch.testing.assert_close(torch.cat(outs + [y, y2], dim=1), full, rtol=1e-10, atol=1e-10)
+    assert_decoding_equals_forward(m, rand(1, 40, 32, seed=1), [("step", 5), ("prefill", 16), ("prefill", 19)])
 
 
 @pytest.mark.parametrize("spec,N", [("lightning(layer=1, num_layers=4)", 50), ("lightning(decay=False, chunk=5)", 63),
@@ -65,13 +40,8 @@ def test_lightning_equals_its_equations(spec, N):
     """Y = (SRMSNorm([O_1..O_H]) * U) W_O, O_h = ((Q K^T) * M) V, Q = silu(X W_Q), K = silu(X W_K), V = X W_V
     (naive_lightning), forward and gradients."""
     m = build(spec, dim=24, heads=3)
-    x = tokens(2, N, 24).requires_grad_()
-    got, want = m(x), naive_lightning(m, x)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    g = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
-    for a, b in zip(torch.autograd.grad((got * g).sum(), [x, *m.parameters()]),
-                    torch.autograd.grad((want * g).sum(), [x, *m.parameters()])):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    x = rand(2, N, 24, requires_grad=True)
+    assert_same_forward_and_grads(m(x), naive_lightning(m, x), [x, *m.parameters()], seed=1)
 
 
 def test_no_biases_by_default():
@@ -85,7 +55,7 @@ def test_chunk_is_speed_only(N):
     a = build("lightning(layer=1, num_layers=3, chunk=7)", dim=16, heads=2)
     b = build("lightning(layer=1, num_layers=3, chunk=64)", dim=16, heads=2)
     b.load_state_dict(a.state_dict())
-    x = tokens(1, N, 16).requires_grad_()
+    x = rand(1, N, 16, requires_grad=True)
     ya, yb = a(x), b(x)
     torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-10)
     ga = torch.autograd.grad(ya.sum(), [x, *a.parameters()])
@@ -97,7 +67,7 @@ def test_chunk_is_speed_only(N):
 def test_attention_weights_are_the_mixing_matrix():
     """``attention_weights`` is ``(Q K^T) * M``: lower triangular, and applied to V it gives the head outputs."""
     m = build("lightning(layer=1, num_layers=3)", dim=32, heads=4).eval()
-    x = tokens(2, 9, 32)
+    x = rand(2, 9, 32)
     with torch.no_grad():
         w = m.attention_weights(x)
         q, k, v, _ = m.features(x)
@@ -132,9 +102,9 @@ def test_bad_configs(spec, match):
 
 def test_bad_calls():
     light = build("lightning", dim=16, heads=2)
-    x = tokens(1, 12, 16)
+    x = rand(1, 12, 16)
     with pytest.raises(ValueError, match=r"x must be \[B, N, C\] with C = dim = 16"):
-        light(tokens(1, 5, 8))
+        light(rand(1, 5, 8))
     with pytest.raises(ValueError, match=r"x_t must be \[B, C\]"):
         light.step(x)
 

@@ -9,17 +9,14 @@ import torch.nn.functional as F
 
 import headwise
 from headwise.variants.linear import LinearAttention, naive_linear
-
-F64 = torch.float64
-
-
-def tokens(B, N, C, seed=0):
-    return torch.randn(B, N, C, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def build(spec, seed=0, **kw):
-    torch.manual_seed(seed)
-    return headwise.create(spec, **kw).double()
+from common import (
+    assert_decoding_equals_forward,
+    assert_loads_old_checkpoint,
+    assert_same_forward_and_grads,
+    build,
+    fused_checkpoint,
+    rand,
+)
 
 
 DECODERS = {
@@ -32,27 +29,12 @@ DECODERS = {
 @pytest.mark.parametrize("N,M", [(1, 5), (37, 9), (130, 3)], ids=lambda x: str(x))
 def test_prefill_then_steps_equals_forward(name, N, M):
     m = build(DECODERS[name], dim=32, heads=4)
-    x = tokens(2, N + M, 32)
-    full = m(x)
-    y, state = m.prefill(x[:, :N])
-    steps = [y]
-    for t in range(N, N + M):
-        y_t, state = m.step(x[:, t], state)
-        steps.append(y_t[:, None])
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+    assert_decoding_equals_forward(m, rand(2, N + M, 32), [("prefill", N), ("step", M)])
 
 
 def test_steps_from_scratch_and_chunked_prefill():
     m = build(DECODERS["linear-elu"], dim=32, heads=4)
-    x = tokens(1, 40, 32, seed=1)
-    full = m(x)
-    state, outs = None, []
-    for t in range(5):
-        y_t, state = m.step(x[:, t], state)
-        outs.append(y_t[:, None])
-    y, state = m.prefill(x[:, 5:21], state)
-    y2, state = m.prefill(x[:, 21:], state)
-    torch.testing.assert_close(torch.cat(outs + [y, y2], dim=1), full, rtol=1e-10, atol=1e-10)
+    assert_decoding_equals_forward(m, rand(1, 40, 32, seed=1), [("step", 5), ("prefill", 16), ("prefill", 19)])
 
 
 def _featurized(m, x, phi):
@@ -74,13 +56,8 @@ def test_linear_equals_its_equations(causal, feature_map, N):
     """o_i = phi(q_i) . sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j) + eps), j over all or j <= i
     (naive_linear), forward and gradients."""
     m = build(f"linear(causal={causal}, feature_map={feature_map!r}, chunk=16)", dim=16, heads=2)
-    x = tokens(2, N, 16).requires_grad_()
-    got, want = m(x), naive_linear(m, x)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    g = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
-    for a, b in zip(torch.autograd.grad((got * g).sum(), [x, *m.parameters()]),
-                    torch.autograd.grad((want * g).sum(), [x, *m.parameters()])):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    x = rand(2, N, 16, requires_grad=True)
+    assert_same_forward_and_grads(m(x), naive_linear(m, x), [x, *m.parameters()], seed=1)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -88,7 +65,7 @@ def test_attention_weights_are_the_normalised_scores(causal):
     """A_ij = phi(q_i) . phi(k_j) / (sum_l phi(q_i) . phi(k_l) + eps) (l <= i when causal): A V is exactly the
     head output, and rows sum to S / (S + eps) with eps = 1e-6 (the module's normalizer guard)."""
     m = build(f"linear(causal={causal}, feature_map='relu')", dim=16, heads=2).eval()
-    x = tokens(2, 33, 16)
+    x = rand(2, 33, 16)
     with torch.no_grad():
         w = m.attention_weights(x)
     q, k, v = _featurized(m, x, F.relu)
@@ -105,9 +82,9 @@ def test_attention_weights_are_the_normalised_scores(causal):
 def test_non_causal_linear_has_no_steps():
     m = build("linear", dim=16, heads=2)
     with pytest.raises(ValueError, match=r"step\(\) decodes token by token and needs causal=True"):
-        m.step(tokens(1, 1, 16)[:, 0])
+        m.step(rand(1, 1, 16)[:, 0])
     with pytest.raises(ValueError, match=r"prefill\(\) .* needs causal=True"):
-        m.prefill(tokens(1, 4, 16))
+        m.prefill(rand(1, 4, 16))
 
 
 def test_capabilities_follow_causal():
@@ -125,14 +102,9 @@ def test_old_keyword_still_works_and_warns():
 def test_fused_qkv_checkpoint_loads():
     """Checkpoints from before the split projections (one ``qkv_proj``, rows [q; k; v]) load into q/k/v_proj."""
     m = build("linear(causal=True)", dim=16, heads=2)
-    state = m.state_dict()
-    old = {k: v for k, v in state.items() if not k.startswith(("q_proj", "k_proj", "v_proj"))}
-    for part in ("weight", "bias"):
-        old[f"qkv_proj.{part}"] = torch.cat([state[f"{p}_proj.{part}"] for p in "qkv"])
     fresh = build("linear(causal=True)", seed=1, dim=16, heads=2)
-    fresh.load_state_dict(old)
-    x = tokens(1, 11, 16)
-    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    old = fused_checkpoint(m.state_dict(), ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+    assert_loads_old_checkpoint(fresh, old, m, rand(1, 11, 16))
 
 
 @pytest.mark.parametrize("spec,match", [

@@ -5,7 +5,7 @@ import torch
 
 import headwise
 from headwise.variants.lka import LargeKernelAttention
-from variants.mixers_common import F64, assert_all_params_get_grads, rand
+from common import F64, assert_all_params_get_grads, rand
 
 
 @pytest.mark.parametrize("kernel_size,dilation,local,far", [(21, 3, 5, 7), (7, 2, 3, 5), (5, 1, 1, 5)],

@@ -7,8 +7,7 @@ import torch
 
 import headwise
 from headwise.variants.max_vit import MaxViTAttention, naive_max_vit
-
-F64 = torch.float64
+from common import ABS_TOL, F64, assert_loads_old_checkpoint, assert_same_forward_and_grads, fused_checkpoint
 
 
 @pytest.mark.parametrize("grid,window,grid_size", [((6, 9), (2, 3), (3, 3)), ((8, 8), 4, 2), ((3, 9), 3, (1, 3))],
@@ -18,13 +17,7 @@ def test_max_vit_matches_naive_forward_and_backward(grid, window, grid_size):
     m = headwise.create("max_vit", dim=12, heads=3, grid=grid, window=window, grid_size=grid_size,
                         backend="blocksparse").to(F64)
     x = torch.randn(2, math.prod(grid), 12, dtype=F64, requires_grad=True)
-    out, ref = m(x), naive_max_vit(m, x)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad((out * g).sum(), [x, *m.parameters()])
-    want = torch.autograd.grad((ref * g).sum(), [x, *m.parameters()])
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    assert_same_forward_and_grads(m(x), naive_max_vit(m, x), [x, *m.parameters()], ABS_TOL, seed=None)
 
 
 def test_max_vit_with_shared_key_value_heads_matches_naive():
@@ -44,15 +37,9 @@ def test_older_checkpoint_keys_load():
     """Checkpoints of the MultiHeadAttention-based module (``block_attn.kv_proj.*``) still load."""
     torch.manual_seed(2)
     m = MaxViTAttention(16, 2, grid=(4, 4), window=2, grid_size=2)
-    state = m.state_dict()
-    old = {k: v for k, v in state.items() if ".k_proj." not in k and ".v_proj." not in k}
-    for attn in ("block_attn", "grid_attn"):
-        for part in ("weight", "bias"):
-            old[f"{attn}.kv_proj.{part}"] = torch.cat([state[f"{attn}.k_proj.{part}"], state[f"{attn}.v_proj.{part}"]])
     fresh = MaxViTAttention(16, 2, grid=(4, 4), window=2, grid_size=2)
-    fresh.load_state_dict(old)
-    x = torch.randn(1, 16, 16)
-    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    old = fused_checkpoint(m.state_dict(), within=("block_attn", "grid_attn"))
+    assert_loads_old_checkpoint(fresh, old, m, torch.randn(1, 16, 16))
 
 
 @pytest.mark.parametrize("make,needle", [

@@ -6,19 +6,16 @@ import torch
 
 import headwise
 from headwise.variants.memory_attention import MemoryAttention, naive_memory_attention
-from variants.mixers_common import F64, assert_all_params_get_grads, rand
+from common import F64, assert_all_params_get_grads, assert_same_forward_and_grads, rand
 
 
 @pytest.mark.parametrize("heads,S,N", [(1, 1, 1), (1, 30, 63), (4, 17, 20)], ids=lambda v: str(v))
 def test_memory_attention_matches_written_out(heads, S, N):
     torch.manual_seed(0)
     m = MemoryAttention(6, 16, heads=heads).double()
-    x, memory = rand(2, N, 6).requires_grad_(), rand(S, 16, seed=1).requires_grad_()
-    out, ref = m(x, memory), naive_memory_attention(m, x, memory)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    g, wrt = rand(*out.shape, seed=3), [x, memory, *m.parameters()]
-    for a, b in zip(torch.autograd.grad((out * g).sum(), wrt), torch.autograd.grad((ref * g).sum(), wrt)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    x, memory = rand(2, N, 6, requires_grad=True), rand(S, 16, seed=1, requires_grad=True)
+    out = m(x, memory)
+    assert_same_forward_and_grads(out, naive_memory_attention(m, x, memory), [x, memory, *m.parameters()], seed=3)
     torch.testing.assert_close(m(x, memory.expand(2, S, 16)), out)
 
 

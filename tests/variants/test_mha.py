@@ -11,19 +11,18 @@ from torch import nn
 import headwise
 from headwise.patterns import Causal, Full, PerHead
 from headwise.variants.mha import GroupedQueryAttention, MultiHeadAttention, MultiQueryAttention, naive_mha
-
-F64 = torch.float64
+from common import (
+    F64,
+    assert_backward_reaches_every_parameter,
+    assert_loads_old_checkpoint,
+    assert_same_forward_and_grads,
+    fused_checkpoint,
+)
 
 
 def padding(lengths, M):
     """``[B, M]`` bool key padding mask, True past each element's length."""
     return torch.arange(M)[None, :] >= torch.tensor(lengths)[:, None]
-
-
-def grads(out, wrt, seed=0):
-    """Gradients of a fixed random projection of ``out`` (no symmetric cancellation)."""
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return torch.autograd.grad((out * g).sum(), wrt)
 
 
 # (variant, heads, kv_heads): MHA, GQA, MQA and a single head
@@ -55,10 +54,7 @@ def test_matches_naive_float64(variant, case, backend):
     out = m(x, context, key_padding_mask=kpm)
     ref = naive_mha(m, x, context, kpm)
     assert out.shape == (B, N, 32)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    wrt = [x] + ([] if context is None else [context]) + list(m.parameters())
-    for g, g_ref in zip(grads(out, wrt), grads(ref, wrt)):
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+    assert_same_forward_and_grads(out, ref, [x] + ([] if context is None else [context]) + list(m.parameters()))
 
 
 def test_float32_matches_float64_naive():
@@ -163,12 +159,7 @@ def test_gradients_reach_every_parameter(spec):
     torch.manual_seed(0)
     m = headwise.create(spec, dim=32, heads=4 if spec != "gqa" else 8, pattern=Causal())
     x = torch.randn(3, 12, 32, requires_grad=True)
-    out = m(x, key_padding_mask=padding([12, 5, 9], 12))
-    out.square().sum().backward()
-    for name, p in [("x", x), *m.named_parameters()]:
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+    assert_backward_reaches_every_parameter(m, m(x, key_padding_mask=padding([12, 5, 9], 12)), x)
 
 
 def test_causal_pattern_changes_result_as_the_reference_says():
@@ -317,13 +308,10 @@ def test_checkpoint_with_fused_kv_projection_loads():
     """Checkpoints written before k_proj / v_proj were split (one ``kv_proj``) load into the same weights."""
     torch.manual_seed(0)
     m = MultiHeadAttention(32, 4, kv_heads=2).to(F64)
-    old = {k: v for k, v in m.state_dict().items() if not k.startswith(("k_proj", "v_proj"))}
-    old["kv_proj.weight"] = torch.cat([m.k_proj.weight, m.v_proj.weight]).detach().clone()
-    old["kv_proj.bias"] = torch.cat([m.k_proj.bias, m.v_proj.bias]).detach().clone()
+    old = fused_checkpoint(m.state_dict())
     fresh = MultiHeadAttention(32, 4, kv_heads=2).to(F64)
-    fresh.load_state_dict(old)
     x = torch.randn(2, 9, 32, dtype=F64)
-    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    assert_loads_old_checkpoint(fresh, old, m, x)
     nested = torch.nn.Sequential(MultiHeadAttention(32, 4, kv_heads=2).to(F64))
     nested.load_state_dict({f"0.{'mha.' if k.startswith(('q', 'kv')) else ''}{k}": v for k, v in old.items()})
     torch.testing.assert_close(nested(x), m(x), rtol=0, atol=0)

@@ -5,7 +5,7 @@ import torch
 
 import headwise
 from headwise.ops.moba import naive_moba_attention
-from variants.blocks_common import TOL, _module, _tokens, check_full_attention, check_module_against_reference
+from common import assert_module_matches_projected_reference, assert_selection_covering_everything_is_mha, build, rand
 
 CASES = [(8, 3, True, 1, 63, {}), (8, 3, True, 2, 1, {}), (32, 4, True, 1, 500, {"kv_heads": 1}), (7, 2, False, 2, 63, {})]
 
@@ -13,14 +13,15 @@ CASES = [(8, 3, True, 1, 63, {}), (8, 3, True, 2, 1, {}), (32, 4, True, 1, 500, 
 @pytest.mark.parametrize("block,topk,causal,B,N,kw", CASES,
                          ids=[f"block{c[0]}-topk{c[1]}-{'causal' if c[2] else 'full'}-B{c[3]}-N{c[4]}" for c in CASES])
 def test_module_matches_dense_reference(block, topk, causal, B, N, kw):
-    m = _module(f"moba(block={block}, topk={topk}, causal={causal})", **kw)
-    check_module_against_reference(m, _tokens(B, N, 16), naive_moba_attention, block=block, topk=topk, causal=causal)
+    m = build(f"moba(block={block}, topk={topk}, causal={causal})", dim=16, heads=2, **kw)
+    assert_module_matches_projected_reference(m, rand(B, N, 16, seed=1), naive_moba_attention, block=block, topk=topk,
+                                              causal=causal)
 
 
 @pytest.mark.parametrize("spec,causal", [("moba(block=8, topk=8)", True), ("moba(block=16, topk=100, causal=False)", False)],
                          ids=["topk-all", "full"])
 def test_degenerate_settings_are_full_attention(spec, causal):
-    check_full_attention(spec, causal)
+    assert_selection_covering_everything_is_mha(spec, causal)
 
 
 def test_float32_runs_and_selection_is_not_differentiated():

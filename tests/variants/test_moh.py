@@ -14,13 +14,14 @@ from headwise.variants.moh import (
     naive_moh,
     naive_relu_moh,
 )
-from variants.heads_common import (
+from common import (
     F64,
+    assert_same_forward_and_grads,
     assert_same_grads,
     check_deterministic_under_seed,
     check_gradients_reach_every_parameter,
     check_shape_and_dtype,
-    grads,
+    fused_checkpoint,
 )
 
 # ---- MoH ----------------------------------------------------------------------------------------------------------
@@ -43,10 +44,8 @@ def test_moh_matches_naive_float64(case, compute):
     m = headwise.create(spec, dim=48, heads=heads, kv_heads=kv_heads, pattern=pattern, compute=compute).to(F64)
     x = torch.randn(3, 29, 48, dtype=F64, requires_grad=True)
     context = torch.randn(3, 17, 48, dtype=F64, requires_grad=True) if cross else None
-    out = m(x, context)
-    ref = naive_moh(m, x, context)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    assert_same_grads(out, ref, [x] + ([context] if cross else []) + list(m.parameters()))
+    assert_same_forward_and_grads(m(x, context), naive_moh(m, x, context),
+                                  [x] + ([context] if cross else []) + list(m.parameters()), allow_unused=True)
 
 
 def test_moh_causal_flag_is_the_causal_pattern():
@@ -65,8 +64,8 @@ def test_moh_sparse_equals_dense_module():
     x = torch.randn(2, 101, 64, dtype=F64)
     torch.testing.assert_close(sparse(x), dense(x), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(sparse.aux_loss, dense.aux_loss, rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads(sparse(x), list(sparse.parameters())), grads(dense(x), list(dense.parameters()))):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_same_grads(sparse(x), dense(x), list(sparse.parameters()), ref_wrt=list(dense.parameters()),
+                      allow_unused=True)
 
 
 @pytest.mark.parametrize("S, K, H", [(2, 3, 8), (0, 4, 8), (5, 1, 6), (6, 0, 6)], ids=["S2-k3", "S0-k4", "S5-k1", "S6-k0"])
@@ -153,11 +152,8 @@ def test_old_fused_kv_checkpoint_loads():
     """Checkpoints of the MoH built on the old MultiHeadAttention (``kv_proj.*``: keys then values) still load."""
     torch.manual_seed(0)
     m = MixtureOfHeadsAttention(32, 4, kv_heads=2)
-    old = {k: v for k, v in m.state_dict().items() if not k.startswith(("k_proj.", "v_proj."))}
-    for part in ("weight", "bias"):
-        old[f"kv_proj.{part}"] = torch.cat([m.state_dict()[f"k_proj.{part}"], m.state_dict()[f"v_proj.{part}"]])
     fresh = MixtureOfHeadsAttention(32, 4, kv_heads=2)
-    fresh.load_state_dict(old)
+    fresh.load_state_dict(fused_checkpoint(m.state_dict()))
     x = torch.randn(2, 9, 32)
     torch.testing.assert_close(fresh(x), m(x))
 
@@ -173,9 +169,8 @@ def test_relu_moh_matches_naive_and_sparse_equals_dense(S):
     d.load_state_dict(m.state_dict())
     x = torch.randn(2, 31, 48, dtype=F64, requires_grad=True)
     out, ref = m(x), naive_relu_moh(m, x)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert_same_forward_and_grads(out, ref, [x] + list(m.parameters()), allow_unused=True)
     torch.testing.assert_close(d(x), out, rtol=1e-10, atol=1e-10)
-    assert_same_grads(out, ref, [x] + list(m.parameters()))
     logits = x @ m.router.weight.T + m.router.bias
     assert torch.equal(m.head_active[..., S:], logits > 0)
     assert 0 < m.head_active[..., S:].float().mean() < 1  # some tokens skip some heads
@@ -186,9 +181,8 @@ def test_relu_moh_cross_attention_matches_naive():
     m = ReLUMixtureOfHeadsAttention(48, 6, kv_heads=3, shared_heads=2).to(F64).eval()
     x = torch.randn(2, 13, 48, dtype=F64, requires_grad=True)
     context = torch.randn(2, 21, 48, dtype=F64, requires_grad=True)
-    out, ref = m(x, context), naive_relu_moh(m, x, context)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    assert_same_grads(out, ref, [x, context] + list(m.parameters()))
+    assert_same_forward_and_grads(m(x, context), naive_relu_moh(m, x, context), [x, context] + list(m.parameters()),
+                                  allow_unused=True)
 
 
 def test_relu_moh_regulariser():

@@ -11,18 +11,7 @@ from headwise.patterns import Causal, ConvWindow
 from headwise.patterns.structured import CyclicShift, directional_shifts
 from headwise.variants.mha import naive_mha
 from headwise.variants.msa_conv import MSAConv, naive_cell_average, naive_msa_conv, pool_grid
-
-F64 = torch.float64
-
-
-def _assert_same_forward_and_grads(m, out, ref, x, ref_module=None):
-    """Forward and the gradients to ``x`` and every parameter agree (``ref`` built on ``ref_module``'s weights)."""
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad((out * g).sum(), [x, *m.parameters()])
-    want = torch.autograd.grad((ref * g).sum(), [x, *(ref_module or m).parameters()])
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+from common import ABS_TOL, F64, assert_loads_old_checkpoint, assert_same_forward_and_grads, fused_checkpoint
 
 
 @pytest.mark.parametrize("kw", [{}, {"kv_heads": 2}], ids=["mha", "gqa"])
@@ -30,8 +19,10 @@ def test_msa_conv_matches_naive_forward_and_backward(kw):
     torch.manual_seed(1)
     m = MSAConv(16, 4, grid=(9, 11), kernel_size=5, dilation=(1, 2), backend="blocksparse", **kw).to(F64)
     x = torch.randn(2, 99, 16, dtype=F64, requires_grad=True)  # odd grid: cropped windows
-    _assert_same_forward_and_grads(m, m(x), naive_mha(m, x, pattern=ConvWindow((9, 11), 5, (1, 2))), x)
-    _assert_same_forward_and_grads(m, m(x), naive_msa_conv(m, x), x)
+    wrt = [x, *m.parameters()]
+    ref = naive_mha(m, x, pattern=ConvWindow((9, 11), 5, (1, 2)))
+    assert_same_forward_and_grads(m(x), ref, wrt, ABS_TOL, seed=None)
+    assert_same_forward_and_grads(m(x), naive_msa_conv(m, x), wrt, ABS_TOL, seed=None)
 
 
 def test_causal_intersects_the_window():
@@ -75,7 +66,8 @@ def test_msa_conv_one_shift_is_roll_around_the_plain_module(grid, shift):
     shifted.load_state_dict(plain.state_dict())
     x = torch.randn(2, math.prod(grid), 12, dtype=F64, requires_grad=True)
     ref = _roll_tokens(plain(_roll_tokens(x, grid, shift)), grid, [-s for s in shift])
-    _assert_same_forward_and_grads(shifted, shifted(x), ref, x, ref_module=plain)
+    assert_same_forward_and_grads(shifted(x), ref, [x, *shifted.parameters()], ABS_TOL, seed=None,
+                                  ref_wrt=[x, *plain.parameters()])
 
 
 def test_msa_conv_directional_shifts_roll_each_head_group():
@@ -93,7 +85,7 @@ def test_msa_conv_directional_shifts_roll_each_head_group():
         masks.append(window[r][:, r])
     masks = torch.stack(masks)  # (H, N, N)
     x = torch.randn(2, 35, 16, dtype=F64, requires_grad=True)
-    _assert_same_forward_and_grads(m, m(x), naive_msa_conv(m, x, mask=masks), x)
+    assert_same_forward_and_grads(m(x), naive_msa_conv(m, x, mask=masks), [x, *m.parameters()], ABS_TOL, seed=None)
 
 
 @pytest.mark.parametrize("grid,cell,shifts,kw", [((6, 9), (2, 3), None, {}), ((6, 9), (6, 9), None, {}),
@@ -104,7 +96,7 @@ def test_msa_conv_inter_pooling_matches_naive(grid, cell, shifts, kw):
     torch.manual_seed(5)
     m = MSAConv(16, 4, grid=grid, kernel_size=3, pool=cell, shifts=shifts, backend="blocksparse", **kw).to(F64)
     x = torch.randn(2, math.prod(grid), 16, dtype=F64, requires_grad=True)
-    _assert_same_forward_and_grads(m, m(x), naive_msa_conv(m, x), x)
+    assert_same_forward_and_grads(m(x), naive_msa_conv(m, x), [x, *m.parameters()], ABS_TOL, seed=None)
     assert m.caps.causal == "none" and not m.caps.softmax
 
 
@@ -132,14 +124,8 @@ def test_older_checkpoint_keys_load():
     """Checkpoints of the MultiHeadAttention-wrapping module (``attn.q_proj``, ``attn.kv_proj``, ...) still load."""
     torch.manual_seed(6)
     m = MSAConv(16, 2, grid=(4, 4), pool=2)
-    state = m.state_dict()
-    old = {f"attn.{k}": v for k, v in state.items() if not k.startswith(("k_proj", "v_proj"))}
-    for part in ("weight", "bias"):
-        old[f"attn.kv_proj.{part}"] = torch.cat([state[f"k_proj.{part}"], state[f"v_proj.{part}"]])
     fresh = MSAConv(16, 2, grid=(4, 4), pool=2)
-    fresh.load_state_dict(old)
-    x = torch.randn(1, 16, 16)
-    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    assert_loads_old_checkpoint(fresh, fused_checkpoint(m.state_dict(), prefix="attn."), m, torch.randn(1, 16, 16))
 
 
 @pytest.mark.parametrize("kwargs,needle", [

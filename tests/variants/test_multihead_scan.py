@@ -7,7 +7,7 @@ import torch
 import headwise
 from headwise.ops.scan import recurrent_selective_scan
 from headwise.variants.multihead_scan import ROUTES, MultiHeadScan, naive_multihead_scan, scan_routes
-from variants.mixers_common import assert_all_params_get_grads, rand
+from common import assert_all_params_get_grads, assert_same_forward_and_grads, rand
 
 
 @pytest.mark.parametrize("family", list(ROUTES))
@@ -33,12 +33,8 @@ def test_scan_routes_orders():
 def test_multihead_scan_matches_head_by_head_loop(heads, H, W, chunk):
     torch.manual_seed(0)
     m = MultiHeadScan(12, heads=heads, state=4, chunk=chunk, threshold=0.1).double()
-    x = rand(2, 12, H, W).requires_grad_()
-    out, ref = m(x), naive_multihead_scan(m, x)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
-    g, wrt = rand(*out.shape, seed=3), [x, *m.parameters()]
-    for a, b in zip(torch.autograd.grad((out * g).sum(), wrt), torch.autograd.grad((ref * g).sum(), wrt)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    x = rand(2, 12, H, W, requires_grad=True)
+    assert_same_forward_and_grads(m(x), naive_multihead_scan(m, x), [x, *m.parameters()], 1e-9, seed=3)
 
 
 def test_scan_argument_replaces_the_configured_scan():

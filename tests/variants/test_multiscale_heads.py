@@ -8,7 +8,14 @@ import torch.nn.functional as F
 import headwise
 from headwise.variants.mha import naive_mha
 from headwise.variants.multiscale_heads import MultiScaleHeads, naive_multiscale_heads
-from variants.cross_common import assert_all_params_get_grads, mha_like, rand
+from common import (
+    assert_all_params_get_grads,
+    assert_loads_old_checkpoint,
+    assert_same_forward_and_grads,
+    fused_checkpoint,
+    mha_like,
+    rand,
+)
 
 
 def test_multiscale_heads_one_scale_is_mha():
@@ -49,16 +56,9 @@ def test_multiscale_heads_matches_reference_forward_and_backward(kv_heads, grid,
     """Output and gradients (input and every parameter) against naive_multiscale_heads; the grid from the config."""
     torch.manual_seed(0)
     m = MultiScaleHeads(16, 4, kv_heads=kv_heads, scales=2, grid=grid, causal=causal).double()
-    x = rand(2, grid[0] * grid[1], 16).requires_grad_()
-    ys, refs = m(x), naive_multiscale_heads(m, x)
-    for y, ref in zip(ys, refs, strict=True):
-        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
-    g = [rand(*y.shape, seed=s + 1) for s, y in enumerate(ys)]
-    params = [x, *m.parameters()]
-    grads = torch.autograd.grad(sum((y * gi).sum() for y, gi in zip(ys, g)), params)
-    grads_ref = torch.autograd.grad(sum((y * gi).sum() for y, gi in zip(refs, g)), params)
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    x = rand(2, grid[0] * grid[1], 16, requires_grad=True)
+    # every scale against its reference; the gradients through scale s projected on weights from seed 1 + s
+    assert_same_forward_and_grads(m(x), naive_multiscale_heads(m, x), [x, *m.parameters()], seed=1)
 
 
 def test_multiscale_heads_config_grid_and_forward_override():
@@ -76,16 +76,8 @@ def test_multiscale_heads_loads_checkpoints_of_the_body_submodule():
     """Before the move onto the base the projections were `body.q_proj`, `body.kv_proj`, `body.out_proj`."""
     torch.manual_seed(0)
     m = MultiScaleHeads(16, 4, kv_heads=2).double()
-    sd = m.state_dict()
-    old = {"body.q_proj.weight": sd["q_proj.weight"], "body.q_proj.bias": sd["q_proj.bias"],
-           "body.kv_proj.weight": torch.cat([sd["k_proj.weight"], sd["v_proj.weight"]]),
-           "body.kv_proj.bias": torch.cat([sd["k_proj.bias"], sd["v_proj.bias"]]),
-           "body.out_proj.weight": sd["out_proj.weight"], "body.out_proj.bias": sd["out_proj.bias"]}
     fresh = MultiScaleHeads(16, 4, kv_heads=2).double()
-    fresh.load_state_dict(old)
-    x = rand(2, 16, 16)
-    for a, b in zip(fresh(x), m(x), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_loads_old_checkpoint(fresh, fused_checkpoint(m.state_dict(), prefix="body."), m, rand(2, 16, 16))
 
 
 def test_multiscale_heads_grads_and_errors():

@@ -5,7 +5,7 @@ import torch
 
 import headwise
 from headwise.variants.nin_gate import MixerGatingUnit, naive_nin_gate
-from variants.mixers_common import assert_all_params_get_grads, rand
+from common import assert_all_params_get_grads, rand
 
 
 @pytest.mark.parametrize("N,C", [(1, 4), (7, 6), (63, 8)], ids=lambda v: str(v))

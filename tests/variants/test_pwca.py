@@ -5,7 +5,7 @@ import torch
 
 from headwise.variants.mha import naive_mha
 from headwise.variants.pwca import PairwiseCrossAttention
-from variants.cross_common import assert_all_params_get_grads, rand
+from common import assert_all_params_get_grads, rand
 
 
 def test_pwca_without_pair_and_with_itself_is_self_attention():

@@ -7,13 +7,9 @@ import torch
 
 import headwise
 from headwise.variants.random_features import RandomFeatureAttention, naive_random_feature_attention, sample_query_key
+from common import assert_same_forward_and_grads, rand
 
 DIM, HEADS = 24, 6
-
-
-def _x(B=2, N=63, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, N, DIM, generator=g, dtype=dtype).requires_grad_(True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -29,13 +25,9 @@ def test_shape_and_dtype(dtype):
 def test_matches_naive_forward_and_backward(N, qk_mean):
     torch.manual_seed(0)
     m = RandomFeatureAttention(DIM, HEADS, qk_mean=qk_mean, seed=3).double()
-    x = _x(N=N)
-    y, y_ref = m(x), naive_random_feature_attention(m, x)
-    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=0)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
-    for a, b in zip(torch.autograd.grad(y, [x, m.out_proj.weight], g),
-                    torch.autograd.grad(y_ref, [x, m.out_proj.weight], g)):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    x = rand(2, N, DIM, requires_grad=True)
+    assert_same_forward_and_grads(m(x), naive_random_feature_attention(m, x), [x, m.out_proj.weight],
+                                  dict(rtol=0, atol=1e-12), seed=1)
 
 
 def test_only_values_train():
@@ -43,7 +35,7 @@ def test_only_values_train():
     assert [n for n, _ in m.named_parameters()] == ["out_proj.weight"]
     assert "query_key" in m.state_dict() and not m.query_key.requires_grad
     frozen = m.query_key.clone()
-    m(_x(dtype=torch.float32)).square().sum().backward()
+    m(rand(2, 63, DIM, dtype=torch.float32, requires_grad=True)).square().sum().backward()
     assert m.out_proj.weight.grad is not None and m.out_proj.weight.grad.abs().sum() > 0
     assert m.query_key.grad is None
     torch.optim.SGD(m.parameters(), lr=1.0).step()
@@ -77,7 +69,7 @@ def test_mean_identity_attends_by_similarity():
     m = RandomFeatureAttention(DIM, 1, qk_mean=200.0, qk_std=0.0).double()
     with torch.no_grad():
         m.out_proj.weight.copy_(torch.eye(DIM))
-    x = _x(B=1, N=10).detach()
+    x = rand(1, 10, DIM)
     torch.testing.assert_close(m(x), x, atol=1e-6, rtol=0)
 
 

@@ -8,35 +8,21 @@ import torch
 import headwise
 from headwise.patterns import Causal
 from headwise.variants.mha import MultiHeadAttention
+from common import (
+    ABS_TOL,
+    assert_backward_reaches_every_parameter,
+    assert_loads_old_checkpoint,
+    assert_same_forward_and_grads,
+    build,
+    check_deterministic_under_seed,
+    check_shape_and_dtype,
+    fused_checkpoint,
+    rand,
+    randomize_,
+)
 from headwise.variants.rcmha import RelativeConvAttention, depthwise_conv1d, naive_rcmha
 
 DIM, HEADS = 48, 4  # head_dim 12
-
-
-def _x(B=2, N=63, dim=DIM, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, N, dim, generator=g, dtype=dtype).requires_grad_(True)
-
-
-def _grads(module, x, y):
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
-    return torch.autograd.grad(y, [x, *module.parameters()], g)
-
-
-def _assert_same_forward_backward(module, x, atol=1e-10):
-    y_fast, y_naive = module(x), naive_rcmha(module, x)
-    torch.testing.assert_close(y_fast, y_naive, atol=atol, rtol=0)
-    for a, b in zip(_grads(module, x, y_fast), _grads(module, x, y_naive)):
-        torch.testing.assert_close(a, b, atol=atol, rtol=0)
-
-
-def _randomize_(module, scale=0.3):
-    """Move every parameter away from its (degenerate) initial value."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
 
 SPECS = ["rcmha", "rcmha(causal=True, kernel_size=4, max_distance=8)"]
 
@@ -44,32 +30,20 @@ SPECS = ["rcmha", "rcmha(causal=True, kernel_size=4, max_distance=8)"]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("spec", SPECS)
 def test_shape_and_dtype(spec, dtype):
-    torch.manual_seed(0)
-    m = headwise.create(spec, dim=DIM, heads=HEADS).to(dtype)
-    y = m(torch.randn(3, 17, DIM, dtype=dtype))
-    assert y.shape == (3, 17, DIM) and y.dtype == dtype
-    assert torch.isfinite(y).all()
+    check_shape_and_dtype(spec, dict(heads=HEADS), 17, dtype, B=3, dim=DIM)
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_gradients_reach_every_parameter(spec):
-    torch.manual_seed(0)
-    m = headwise.create(spec, dim=DIM, heads=HEADS).double()
-    _randomize_(m)  # from the zero/identity init some gradients are structurally zero (e.g. u . k_j per row)
-    m(_x()).square().sum().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    # from the zero/identity init some gradients are structurally zero (e.g. u . k_j per row)
+    m = randomize_(build(spec, dim=DIM, heads=HEADS))
+    assert_backward_reaches_every_parameter(m, m(rand(2, 63, DIM)))
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_deterministic_under_seed(spec):
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        m = headwise.create(spec, dim=DIM, heads=HEADS)
-        outs.append(m(torch.randn(2, 20, DIM)))
-    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    check_deterministic_under_seed(spec, dict(heads=HEADS), 20, dim=DIM, seed=123, eval_mode=False, input_seed=None,
+                                   calls=1)
 
 
 @pytest.mark.parametrize("N", [1, 63])
@@ -78,8 +52,9 @@ def test_deterministic_under_seed(spec):
 def test_rcmha_matches_naive(N, causal, kernel_size):
     torch.manual_seed(0)
     m = RelativeConvAttention(DIM, HEADS, kernel_size=kernel_size, max_distance=5, causal=causal, chunk=16).double()
-    _randomize_(m)
-    _assert_same_forward_backward(m, _x(N=N))
+    randomize_(m)
+    x = rand(2, N, DIM, requires_grad=True)
+    assert_same_forward_and_grads(m(x), naive_rcmha(m, x), [x, *m.parameters()], ABS_TOL, seed=1)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -89,15 +64,15 @@ def test_fresh_rcmha_equals_mha(causal):
     mha = MultiHeadAttention(DIM, HEADS, pattern=Causal() if causal else None, backend="reference").double()
     m = RelativeConvAttention(DIM, HEADS, causal=causal).double()
     m.load_state_dict(mha.state_dict(), strict=False)
-    x = _x()
+    x = rand(2, 63, DIM)
     torch.testing.assert_close(m(x), mha(x), atol=1e-12, rtol=0)
 
 
 def test_rcmha_causal_ignores_future_tokens():
     torch.manual_seed(0)
     m = RelativeConvAttention(DIM, HEADS, causal=True, kernel_size=3, max_distance=4).double()
-    _randomize_(m)
-    x = _x(B=1, N=30).detach()
+    randomize_(m)
+    x = rand(1, 30, DIM)
     x2 = x.clone()
     x2[:, 20:] = torch.randn(1, 10, DIM, dtype=torch.float64)
     torch.testing.assert_close(m(x)[:, :20], m(x2)[:, :20], atol=1e-12, rtol=0)
@@ -109,8 +84,8 @@ def test_attention_weights_reproduce_the_forward(causal):
     """The matrix inspect records (the attention step on identity values), applied to the values, is the forward."""
     torch.manual_seed(0)
     m = RelativeConvAttention(DIM, HEADS, causal=causal, max_distance=3, chunk=8).double()
-    _randomize_(m)
-    x = _x(N=19).detach()
+    randomize_(m)
+    x = rand(2, 19, DIM)
     p = m.attention_weights(x)  # (B, H, N, N)
     torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:3], dtype=p.dtype), atol=1e-12, rtol=0)
     if causal:
@@ -122,14 +97,9 @@ def test_attention_weights_reproduce_the_forward(causal):
 def test_fused_kv_checkpoints_still_load():
     torch.manual_seed(0)
     m = RelativeConvAttention(DIM, HEADS, max_distance=4).double()
-    _randomize_(m)
-    old = {k: v for k, v in m.state_dict().items() if not k.startswith(("k_proj", "v_proj"))}
-    old["kv_proj.weight"] = torch.cat([m.k_proj.weight, m.v_proj.weight]).detach()
-    old["kv_proj.bias"] = torch.cat([m.k_proj.bias, m.v_proj.bias]).detach()
+    randomize_(m)
     fresh = RelativeConvAttention(DIM, HEADS, max_distance=4).double()
-    fresh.load_state_dict(old)
-    x = _x(N=9)
-    torch.testing.assert_close(fresh(x), m(x), atol=0, rtol=0)
+    assert_loads_old_checkpoint(fresh, fused_checkpoint(m.state_dict()), m, rand(2, 9, DIM))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -5,12 +5,7 @@ import torch
 
 from headwise.variants.mha import MultiHeadAttention
 from headwise.variants.routing import AttentionAwareRouter
-
-F64 = torch.float64
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+from common import F64, rand
 
 
 def test_router_with_identity_attention_is_plain_top_k_softmax_gating():

@@ -8,28 +8,18 @@ import torch
 import headwise
 from headwise.patterns import Causal
 from headwise.variants.mha import MultiHeadAttention
+from common import (
+    ABS_TOL,
+    assert_backward_reaches_every_parameter,
+    assert_same_forward_and_grads,
+    build,
+    check_deterministic_under_seed,
+    check_shape_and_dtype,
+    rand,
+)
 from headwise.variants.selective import SelectiveAttention, naive_selective_attention
 
 DIM, HEADS = 48, 4
-
-
-def _x(B=2, N=63, dim=DIM, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, N, dim, generator=g, dtype=dtype).requires_grad_(True)
-
-
-def _grads(module, x, y):
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
-    params = [p for p in module.parameters()]
-    return torch.autograd.grad(y, [x, *params], g)
-
-
-def _assert_same_forward_backward(module, fast, naive, x, atol=1e-10):
-    y_fast, y_naive = fast(x), naive(x)
-    torch.testing.assert_close(y_fast, y_naive, atol=atol, rtol=0)
-    for a, b in zip(_grads(module, x, y_fast), _grads(module, x, y_naive)):
-        torch.testing.assert_close(a, b, atol=atol, rtol=0)
-
 
 SPECS = ["selective", "selective(topk=1, expert_topk=2, causal=True)", "selective(kv_heads=2, topk=3)"]
 
@@ -37,31 +27,19 @@ SPECS = ["selective", "selective(topk=1, expert_topk=2, causal=True)", "selectiv
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("spec", SPECS)
 def test_shape_and_dtype(spec, dtype):
-    torch.manual_seed(0)
-    m = headwise.create(spec, dim=DIM, heads=HEADS).to(dtype)
-    y = m(torch.randn(3, 17, DIM, dtype=dtype))
-    assert y.shape == (3, 17, DIM) and y.dtype == dtype
-    assert torch.isfinite(y).all()
+    check_shape_and_dtype(spec, dict(heads=HEADS), 17, dtype, B=3, dim=DIM)
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_gradients_reach_every_parameter(spec):
-    torch.manual_seed(0)
-    m = headwise.create(spec, dim=DIM, heads=HEADS).double()
-    m(_x()).square().sum().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    m = build(spec, dim=DIM, heads=HEADS)
+    assert_backward_reaches_every_parameter(m, m(rand(2, 63, DIM)))
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_deterministic_under_seed(spec):
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        m = headwise.create(spec, dim=DIM, heads=HEADS)
-        outs.append(m(torch.randn(2, 20, DIM)))
-    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    check_deterministic_under_seed(spec, dict(heads=HEADS), 20, dim=DIM, seed=123, eval_mode=False, input_seed=None,
+                                   calls=1)
 
 
 @pytest.mark.parametrize("N", [1, 63])
@@ -71,7 +49,8 @@ def test_deterministic_under_seed(spec):
 def test_selective_matches_naive(N, topk, expert_topk, causal, kv_heads):
     torch.manual_seed(0)
     m = SelectiveAttention(DIM, HEADS, kv_heads=kv_heads, topk=topk, expert_topk=expert_topk, causal=causal).double()
-    _assert_same_forward_backward(m, m, lambda x: naive_selective_attention(m, x), _x(N=N))
+    x = rand(2, N, DIM, requires_grad=True)
+    assert_same_forward_and_grads(m(x), naive_selective_attention(m, x), [x, *m.parameters()], ABS_TOL, seed=1)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -85,7 +64,7 @@ def test_selective_all_heads_uniform_router_equals_mha(causal, kv_heads):
     for router in (m.token_router, m.expert_router):
         torch.nn.init.zeros_(router.weight)
         torch.nn.init.zeros_(router.bias)
-    x = _x()
+    x = rand(2, 63, DIM)
     torch.testing.assert_close(m(x), mha(x), atol=1e-12, rtol=0)
 
 
@@ -106,7 +85,7 @@ def test_selective_head_sees_only_its_tokens():
     # a token that no head of a sequence selected contributes nothing to the attention (only the output bias)
     torch.manual_seed(0)
     m = SelectiveAttention(DIM, HEADS, topk=1, expert_topk=1).double()
-    x = _x(B=1, N=30).detach()
+    x = rand(1, 30, DIM)
     g, G = m.route(x)
     active = G[0].nonzero().item()
     outside = (g[0, :, active] == 0).nonzero().flatten()
@@ -121,7 +100,7 @@ def test_attention_weights_are_the_selected_softmax(causal):
     head outputs (so the output projection of them is the forward)."""
     torch.manual_seed(0)
     m = SelectiveAttention(DIM, HEADS, topk=2, expert_topk=3, causal=causal).double()
-    x = _x(N=21).detach()
+    x = rand(2, 21, DIM)
     p = m.attention_weights(x)  # (B, H, N, N)
     weight = m.head_weights(*m.route(x))  # (B, N, H)
     selected = (weight > 0).transpose(1, 2)  # (B, H, N)
@@ -159,7 +138,7 @@ def test_selective_causal_does_not_see_the_future(spec):
     """Changing tokens at and after t leaves every output before t unchanged (the prefix-pooled head gates)."""
     torch.manual_seed(0)
     m = headwise.create(spec, dim=DIM, heads=HEADS).double().eval()
-    x = _x(B=2, N=24).detach()
+    x = rand(2, 24, DIM)
     y = m(x)
     for t in (1, 7, 23):
         x2 = x.clone()

@@ -7,19 +7,22 @@ import torch
 
 import headwise
 from headwise.variants.set_attention import SetAttention, naive_set_attention, object_positional_encoding
-from variants.mixers_common import F64, assert_all_params_get_grads, rand
+from common import (
+    F64,
+    assert_all_params_get_grads,
+    assert_loads_old_checkpoint,
+    assert_same_forward_and_grads,
+    fused_checkpoint,
+    rand,
+)
 
 
 @pytest.mark.parametrize("K,M", [(1, 1), (8, 63), (5, 100)], ids=lambda v: str(v))
 def test_set_attention_matches_written_out_layer(K, M):
     torch.manual_seed(0)
     m = SetAttention(16, 4).double()
-    z, data = rand(2, K, 16).requires_grad_(), rand(2, M, 16, seed=1).requires_grad_()
-    out, ref = m(z, data), naive_set_attention(m, z, data)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    g, wrt = rand(*out.shape, seed=3), [z, data, *m.parameters()]
-    for a, b in zip(torch.autograd.grad((out * g).sum(), wrt), torch.autograd.grad((ref * g).sum(), wrt)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    z, data = rand(2, K, 16, requires_grad=True), rand(2, M, 16, seed=1, requires_grad=True)
+    assert_same_forward_and_grads(m(z, data), naive_set_attention(m, z, data), [z, data, *m.parameters()], seed=3)
     torch.testing.assert_close(m(z), naive_set_attention(m, z), rtol=1e-10, atol=1e-10)
 
 
@@ -93,16 +96,6 @@ def test_checkpoints_with_fused_kv_projections_still_load():
     """Before v2 each attention had a fused ``kv_proj``; those keys load into ``k_proj`` and ``v_proj``."""
     torch.manual_seed(0)
     m = SetAttention(8, 2).double()
-    state = m.state_dict()
-    old = {}
-    for key, value in state.items():
-        for attn in ("self_attn", "cross_attn"):
-            for part in ("weight", "bias"):
-                if key == f"{attn}.k_proj.{part}":
-                    old[f"{attn}.kv_proj.{part}"] = torch.cat([value, state[f"{attn}.v_proj.{part}"]])
-        if ".k_proj." not in key and ".v_proj." not in key:
-            old[key] = value
     fresh = SetAttention(8, 2).double()
-    fresh.load_state_dict(old)
-    z, data = rand(2, 5, 8), rand(2, 7, 8, seed=1)
-    torch.testing.assert_close(fresh(z, data), m(z, data), rtol=0, atol=0)
+    old = fused_checkpoint(m.state_dict(), within=("self_attn", "cross_attn"))
+    assert_loads_old_checkpoint(fresh, old, m, rand(2, 5, 8), rand(2, 7, 8, seed=1))

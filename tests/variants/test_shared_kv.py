@@ -6,7 +6,7 @@ import torch
 
 from headwise.variants.mha import naive_mha
 from headwise.variants.shared_kv import SharedKVAttention, naive_region_attention
-from variants.cross_common import assert_all_params_get_grads, rand
+from common import assert_all_params_get_grads, rand
 
 
 def test_shared_kv_without_regions_is_cross_attention_to_the_reference():

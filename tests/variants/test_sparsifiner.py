@@ -11,7 +11,7 @@ from headwise.ops.selection.tokens import topk_mask
 from headwise.ops.topk import rowwise_attention
 from headwise.variants.mha import MultiHeadAttention
 from headwise.variants.sparsifiner import Sparsifiner
-from ops.dynamic_common import F64, TOL, rand
+from common import F64, TOL, rand
 
 
 def sparsifiner(**kw):

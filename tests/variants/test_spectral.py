@@ -6,7 +6,7 @@ import torch
 
 import headwise
 from headwise.variants.spectral import SpectralGating, naive_circular_conv
-from variants.mixers_common import assert_all_params_get_grads, rand
+from common import assert_all_params_get_grads, rand
 
 
 @pytest.mark.parametrize("h,w", [(1, 1), (3, 5), (4, 4), (6, 7)], ids=lambda v: str(v))

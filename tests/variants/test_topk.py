@@ -10,7 +10,7 @@ import headwise
 from headwise.ops.topk import topk_attention
 from headwise.variants.mha import MultiHeadAttention
 from headwise.variants.topk import TopKAttention
-from ops.dynamic_common import TOL, rand
+from common import TOL, assert_loads_old_checkpoint, fused_checkpoint, rand
 
 
 def test_topk_module_covering_everything_is_mha():
@@ -54,19 +54,12 @@ def test_old_checkpoint_with_mha_keys_loads(fused):
     torch.manual_seed(0)
     m = TopKAttention(16, 4, kv_heads=2, topk=3).double()
     new = m.state_dict()
-    old = {f"mha.{key}": value.clone() for key, value in new.items() if not key.startswith(("k_proj", "v_proj"))}
-    for part in ("weight", "bias"):
-        if fused:
-            old[f"mha.kv_proj.{part}"] = torch.cat([new[f"k_proj.{part}"], new[f"v_proj.{part}"]])
-        else:
-            old[f"mha.k_proj.{part}"], old[f"mha.v_proj.{part}"] = new[f"k_proj.{part}"], new[f"v_proj.{part}"]
+    old = fused_checkpoint(new, prefix="mha.") if fused else {f"mha.{key}": value for key, value in new.items()}
     layers = {"mha.q_proj", "mha.out_proj"} | ({"mha.kv_proj"} if fused else {"mha.k_proj", "mha.v_proj"})
     assert {key.rsplit(".", 1)[0] for key in old} == layers
     torch.manual_seed(1)
     loaded = TopKAttention(16, 4, kv_heads=2, topk=3).double()
-    loaded.load_state_dict(old)
-    x = rand(2, 13, 16)
-    torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+    assert_loads_old_checkpoint(loaded, old, m, rand(2, 13, 16))
 
 
 @pytest.mark.parametrize(

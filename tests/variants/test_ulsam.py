@@ -5,7 +5,7 @@ import torch
 
 import headwise
 from headwise.variants.ulsam import SubspaceAttention
-from variants.mixers_common import F64, assert_all_params_get_grads, rand
+from common import F64, assert_all_params_get_grads, rand
 
 
 @pytest.mark.parametrize("C,g,H,W", [(8, 1, 1, 1), (8, 4, 7, 5), (12, 3, 9, 9), (16, 16, 4, 6)],

@@ -5,7 +5,7 @@ import torch
 
 import headwise
 from headwise.ops.moba import naive_vmoba_attention
-from variants.blocks_common import _module, _tokens, check_full_attention, check_module_against_reference
+from common import assert_module_matches_projected_reference, assert_selection_covering_everything_is_mha, build, rand
 
 CASES = [
     ("vmoba(grid=(3, 3, 7), partition='1d', block_1d=1)", 2, {}),
@@ -18,18 +18,19 @@ CASES = [
 
 @pytest.mark.parametrize("spec,B,kw", CASES, ids=[f"{i}-B{b}" for i, (_, b, _) in enumerate(CASES)])
 def test_module_matches_dense_reference(spec, B, kw):
-    m = _module(spec, **kw)
+    m = build(spec, dim=16, heads=2, **kw)
     c = m.config
-    check_module_against_reference(m, _tokens(B, c.grid[0] * c.grid[1] * c.grid[2], 16), naive_vmoba_attention,
-                                   grid=c.grid, partition=c.partition, block=c.block, selection=c.selection,
-                                   scope=c.scope, tau=c.tau, topk=c.topk)
+    assert_module_matches_projected_reference(m, rand(B, c.grid[0] * c.grid[1] * c.grid[2], 16, seed=1),
+                                              naive_vmoba_attention, grid=c.grid, partition=c.partition,
+                                              block=c.block, selection=c.selection, scope=c.scope, tau=c.tau,
+                                              topk=c.topk)
 
 
 @pytest.mark.parametrize("spec", ["vmoba(grid=(4, 4, 4), tau=1.0)",
                                   "vmoba(grid=(4, 4, 4), selection='topk', scope='query', topk=4)"],
                          ids=["tau1", "topk-all"])
 def test_degenerate_settings_are_full_attention(spec):
-    check_full_attention(spec, False)
+    assert_selection_covering_everything_is_mha(spec, False)
 
 
 @pytest.mark.parametrize("kw,match", [

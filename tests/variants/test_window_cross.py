@@ -14,7 +14,14 @@ from headwise.variants.window_cross import (
     relative_position_index,
     reliability_balance,
 )
-from variants.cross_common import F64, assert_all_params_get_grads, rand
+from common import (
+    F64,
+    assert_all_params_get_grads,
+    assert_loads_old_checkpoint,
+    assert_same_grads,
+    fused_checkpoint,
+    rand,
+)
 
 
 def test_relative_position_index_counts_offsets():
@@ -39,13 +46,8 @@ def test_window_cross_gradients_match_window_loop():
     m = WindowCrossAttention(8, 2, window=3).double()
     with torch.no_grad():
         m.bias_table.normal_()
-    x, q = rand(2, 8, 3, 6).requires_grad_(), rand(2, 8, 3, 3, seed=1).requires_grad_()
-    g = rand(2, 8, 3, 6, seed=2)
-    params = [x, q, *m.parameters()]
-    grads = torch.autograd.grad((m(x, q) * g).sum(), params)
-    grads_ref = torch.autograd.grad((naive_window_cross_attention(m, x, q) * g).sum(), params)
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    x, q = rand(2, 8, 3, 6, requires_grad=True), rand(2, 8, 3, 3, seed=1, requires_grad=True)
+    assert_same_grads(m(x, q), naive_window_cross_attention(m, x, q), [x, q, *m.parameters()], seed=2)
 
 
 def test_window_cross_single_window_zero_bias_is_plain_cross_attention():
@@ -67,13 +69,8 @@ def test_window_cross_single_window_zero_bias_is_plain_cross_attention():
 def test_window_cross_loads_kv_proj_checkpoints():
     torch.manual_seed(0)
     m = WindowCrossAttention(8, 2, window=2).double()
-    sd = dict(m.state_dict())
-    sd["kv_proj.weight"] = torch.cat([sd.pop("k_proj.weight"), sd.pop("v_proj.weight")])
-    sd["kv_proj.bias"] = torch.cat([sd.pop("k_proj.bias"), sd.pop("v_proj.bias")])
     fresh = WindowCrossAttention(8, 2, window=2).double()
-    fresh.load_state_dict(sd)
-    x, q = rand(2, 8, 4, 2), rand(2, 8, 2, 2, seed=1)
-    torch.testing.assert_close(fresh(x, q), m(x, q), rtol=0, atol=0)
+    assert_loads_old_checkpoint(fresh, fused_checkpoint(m.state_dict()), m, rand(2, 8, 4, 2), rand(2, 8, 2, 2, seed=1))
 
 
 def test_window_cross_grads_and_errors():

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from headwise.ops.agent import agent_attention, naive_agent_attention
-
-F64 = torch.float64
+from common import F64, assert_same_forward_and_grads
 
 
 def inputs(B, H, N, n, D=8, Dv=6, seed=0):
@@ -31,10 +30,7 @@ def test_biases_fold_into_attention(backend, N, n, batched_bias):
     leaves = [t.requires_grad_() for t in (q, k, v, agents, agent_bias, query_bias)]
     got = agent_attention(q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=0.3, backend=backend)
     want = naive_agent_attention(q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=0.3)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    w = torch.randn(want.shape, generator=g, dtype=F64)
-    for a, b in zip(torch.autograd.grad((got * w).sum(), leaves), torch.autograd.grad((want * w).sum(), leaves)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_same_forward_and_grads(got, want, leaves, seed=g)  # projected on weights drawn next from g
 
 
 def test_without_biases_default_scale():

@@ -8,8 +8,7 @@ import torch
 import headwise
 from headwise.ops.complex import complex_attention, naive_complex_attention, polar
 from headwise.patterns import Causal
-
-TOL = dict(atol=1e-10, rtol=0)
+from common import ABS_TOL, assert_same_forward_and_grads
 
 
 def _inputs(B, H, N, M, D, seed=0):
@@ -31,17 +30,13 @@ def test_rotation_form_matches_polar_reference(B, H, N, M, D, pattern):
     q, k, v, phases = _inputs(B, H, N, M, D)
     out = complex_attention(q, k, v, *phases, pattern)
     ref = naive_complex_attention(q, k, v, *phases, pattern)
-    torch.testing.assert_close(out, ref, **TOL)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    inputs = (q, k, v, *phases)
-    for a, b in zip(torch.autograd.grad((out * g).sum(), inputs), torch.autograd.grad((ref * g).sum(), inputs)):
-        torch.testing.assert_close(a, b, **TOL)
+    assert_same_forward_and_grads(out, ref, (q, k, v, *phases), ABS_TOL, seed=1)
 
 
 def test_scale_and_backend_pass_through():
     q, k, v, phases = _inputs(1, 2, 9, 9, 4)
     ref = naive_complex_attention(q, k, v, *phases, scale=0.1)
-    torch.testing.assert_close(complex_attention(q, k, v, *phases, scale=0.1, backend="reference"), ref, **TOL)
+    torch.testing.assert_close(complex_attention(q, k, v, *phases, scale=0.1, backend="reference"), ref, **ABS_TOL)
 
 
 def test_complex_identity_adapt_is_rope():

@@ -9,13 +9,7 @@ from headwise.ops.gaussian import (
     importance_factor,
     naive_gaussian_weights,
 )
-
-F64 = torch.float64
-
-
-def grads(out, wrt, seed=0):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return torch.autograd.grad((out * g).sum(), wrt)
+from common import F64, assert_same_forward_and_grads
 
 
 # (B, H, N, d, G): odd sizes, one Gaussian, one token / one feature
@@ -35,10 +29,9 @@ def test_closed_form_matches_product_of_densities(case, axis):
     if x.shape[axis] == 1:  # sigma^2 = eps: the literal product underflows to 0/0, the normalised weight is 1
         assert torch.equal(w, torch.ones_like(w))
         return
-    torch.testing.assert_close(w, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(w.sum(axis), torch.ones_like(w.sum(axis)), rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads(w, [x, delta, c]), grads(ref, [x, delta, c])):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_same_forward_and_grads(w, ref, [x, delta, c], dict(rtol=1e-10, atol=1e-12),
+                                  grad_tol=dict(rtol=1e-8, atol=1e-10))
 
 
 def test_closed_form_survives_where_the_product_underflows():

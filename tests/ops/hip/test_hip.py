@@ -3,8 +3,7 @@
 import torch
 
 from headwise.ops.hip import hip_attention, naive_hip_attention
-
-TOL = dict(rtol=1e-10, atol=1e-10)
+from common import TOL
 
 
 def test_fast_path_matches_naive_forward_and_gradients():

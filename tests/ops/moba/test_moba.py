@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from headwise.ops.moba import moba_attention, naive_moba_attention, naive_vmoba_attention, vmoba_attention
-
-TOL = dict(rtol=1e-10, atol=1e-10)
+from common import TOL, assert_same_forward_and_grads
 
 
 def _qkv(N, H=2, H_kv=2, seed=5):
@@ -22,10 +21,7 @@ def test_fast_path_matches_naive_forward_and_gradients(fn, naive, kw):
     q, k, v = _qkv(96)
     out = fn(q, k, v, **kw)
     ref, _ = naive(q, k, v, **kw)
-    torch.testing.assert_close(out, ref, **TOL)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
-        torch.testing.assert_close(a, b, **TOL)
+    assert_same_forward_and_grads(out, ref, (q, k, v), TOL, seed=1)
 
 
 def test_reference_backend_and_selection():

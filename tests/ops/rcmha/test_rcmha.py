@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from headwise.ops.rcmha import chunk_rcmha_attention, naive_rcmha_attention, relative_index
-
-TOL = dict(atol=1e-10, rtol=0)
+from common import ABS_TOL, assert_same_forward_and_grads
 
 
 def _inputs(B, H, N, D, K, seed=0):
@@ -26,10 +25,7 @@ def test_chunk_matches_naive_forward_and_gradients(B, H, N, D, K, chunk, causal)
     inputs = _inputs(B, H, N, D, K)
     out = chunk_rcmha_attention(*inputs, K, causal=causal, chunk=chunk)
     ref = naive_rcmha_attention(*inputs, K, causal=causal)
-    torch.testing.assert_close(out, ref, **TOL)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    for a, b in zip(torch.autograd.grad((out * g).sum(), inputs), torch.autograd.grad((ref * g).sum(), inputs)):
-        torch.testing.assert_close(a, b, **TOL)
+    assert_same_forward_and_grads(out, ref, inputs, ABS_TOL, seed=1)
 
 
 def test_chunk_rcmha_independent_of_chunk():

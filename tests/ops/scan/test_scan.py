@@ -6,12 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from headwise.ops.scan import chunk_selective_scan, recurrent_selective_scan
-
-F64 = torch.float64
-
-
-def rand(*shape, seed=0, dtype=F64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+from common import F64, assert_same_forward_and_grads
 
 
 def scan_inputs(B, K, L, d, n, seed=0):
@@ -31,10 +26,7 @@ def test_chunk_selective_scan_matches_recurrent(L, chunk):
     inputs = scan_inputs(2, 3, L, 4, 5)
     out = chunk_selective_scan(*inputs, chunk=chunk)
     ref = recurrent_selective_scan(*inputs)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    g = rand(*out.shape, seed=3)
-    for a, b in zip(torch.autograd.grad((out * g).sum(), inputs), torch.autograd.grad((ref * g).sum(), inputs)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert_same_forward_and_grads(out, ref, inputs, 1e-10, seed=3, grad_tol=1e-9)
 
 
 def test_recurrent_selective_scan_first_steps_by_hand():
