@@ -4,9 +4,8 @@ import json
 import math
 
 import pytest
-import torch
 
-from headwise.moa import MoAPlan, causal_density, span_at
+from headwise.patterns.moa_plan import MoAPlan, causal_density, span_at
 from headwise.patterns import PerHead, SinkWindow
 
 PLAN = MoAPlan(alphas=[[16, 0, -8, 3.5], [0, 100, 2, 0]], betas=[[0, 0.5, 0.25, 0.125], [1, 0, 0.75, 0.01]], sinks=3)

@@ -1,11 +1,9 @@
 """MultiHeadAttention / GQA / MQA against the float64 reference (naive_mha) and torch.nn.MultiheadAttention."""
 
-import math
 import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import headwise
