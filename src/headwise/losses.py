@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from headwise.checks import check_positive_int
 
-__all__ = ["AMCLLoss", "amcl_terms", "temperature_regularizer"]
+__all__ = ["AMCLLoss", "amcl_terms", "temperature_regularizer", "naive_amcl_loss"]
 
 
 def temperature_regularizer(tau: Tensor, dim: int) -> Tensor:
@@ -132,3 +132,25 @@ class AMCLLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, beta={self.beta}, tau_min={self.tau_min}, "
                 f"tau_max={self.tau_max}, topk={self.topk}")
+
+
+def naive_amcl_loss(z1: Tensor, z2: Tensor, tau: float, dim: int, beta: float, topk: int | None = None) -> float:
+    """The reference of :class:`AMCLLoss` at a constant temperature ``tau``: the paper's loss written with explicit
+    loops over heads, the two directions and the anchors (``z1``, ``z2`` ``[B, H, dim]``, ``topk`` hardest negatives
+    or all when None); a float."""
+    B, H, _ = z1.shape
+    z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+    total = 0.0
+    for h in range(H):
+        for a_view, p_view in ((z1, z2), (z2, z1)):
+            per_anchor = []
+            for i in range(B):
+                a = a_view[i, h]
+                s_pos = float(a @ p_view[i, h])
+                negs = sorted((float(a @ v[j, h]) for v in (a_view, p_view) for j in range(B) if j != i), reverse=True)
+                negs = negs[:topk] if topk else negs
+                term = -s_pos / tau + beta * (dim / 2 * math.log(tau) + 1 / tau)
+                term += sum(s / tau for s in negs) / len(negs) - beta * len(negs) * (math.log(tau) + 1 / tau)
+                per_anchor.append(term)
+            total += 0.5 * sum(per_anchor) / B
+    return total

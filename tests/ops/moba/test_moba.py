@@ -12,13 +12,18 @@ def _qkv(N, H=2, H_kv=2, seed=5):
     return [torch.randn(1, h, N, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (H, H_kv, H_kv)]
 
 
-@pytest.mark.parametrize("fn, naive, kw", [
-    (moba_attention, naive_moba_attention, dict(block=16, topk=2)),
-    (moba_attention, naive_moba_attention, dict(block=7, topk=3, causal=False)),
-    (vmoba_attention, naive_vmoba_attention, dict(grid=(4, 4, 6), partition="2d", block=(2, 3))),
-], ids=["moba", "moba-noncausal", "vmoba-2d"])
-def test_fast_path_matches_naive_forward_and_gradients(fn, naive, kw):
-    q, k, v = _qkv(96)
+@pytest.mark.parametrize("fn, naive, kw, N, H_kv", [
+    (moba_attention, naive_moba_attention, dict(block=16, topk=2), 96, 2),
+    (moba_attention, naive_moba_attention, dict(block=7, topk=3, causal=False), 96, 2),
+    (moba_attention, naive_moba_attention, dict(block=8, topk=3), 1, 1),
+    (moba_attention, naive_moba_attention, dict(block=8, topk=3), 63, 1),
+    (moba_attention, naive_moba_attention, dict(block=32, topk=4), 500, 1),
+    (vmoba_attention, naive_vmoba_attention, dict(grid=(4, 4, 6), partition="2d", block=(2, 3)), 96, 2),
+    (vmoba_attention, naive_vmoba_attention, dict(grid=(3, 3, 7), partition="1d", block=1), 63, 1),
+], ids=["moba-N96", "moba-noncausal-N96", "moba-N1-gqa", "moba-N63-gqa", "moba-N500-gqa", "vmoba-2d-N96",
+        "vmoba-1d-N63-gqa"])
+def test_fast_path_matches_naive_forward_and_gradients(fn, naive, kw, N, H_kv):
+    q, k, v = _qkv(N, H=2, H_kv=H_kv)
     out = fn(q, k, v, **kw)
     ref, _ = naive(q, k, v, **kw)
     assert_same_forward_and_grads(out, ref, (q, k, v), TOL, seed=1)
