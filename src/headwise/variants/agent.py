@@ -76,6 +76,7 @@ class AgentAttention(ProjectedAttention):
         torch.Size([2, 196, 64])
     """
 
+    fused_qkv_init = True  # initialised as the former qkv_proj (same weights for a given seed)
     capabilities = Capabilities(grid="optional")
     example_config = {"dim": 16, "heads": 2, "agents": 4, "grid": (3, 5), "bias_resolution": 3}
 

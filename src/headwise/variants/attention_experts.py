@@ -179,11 +179,22 @@ class AttentionExperts(Variant):
                 _linear_init_(self.q_weight[e], None if self.q_bias is None else self.q_bias[e], C)
                 _linear_init_(self.out_weight[e], None if self.out_bias is None else self.out_bias[e], HD)
                 if not cfg.share_kv:
-                    for w, b in ((self.k_weight, self.k_bias), (self.v_weight, self.v_bias)):
-                        _linear_init_(w[e], None if b is None else b[e], C)
+                    self._kv_init_(lambda t: t[e], C)
             if cfg.share_kv:
-                _linear_init_(self.k_weight, self.k_bias, C)
-                _linear_init_(self.v_weight, self.v_bias, C)
+                self._kv_init_(lambda t: t, C)
+
+    def _kv_init_(self, part, fan_in: int) -> None:
+        """Initialise ``part`` of the key and value weights (and biases) as ONE fused ``k|v`` layer split in two:
+        for a given seed, the initial weights of the former fused ``kv_weight``."""
+        k_w, v_w = part(self.k_weight), part(self.v_weight)
+        weight = torch.empty(2 * k_w.shape[0], k_w.shape[1], dtype=k_w.dtype, device=k_w.device)
+        bias = None if self.k_bias is None else torch.empty(2 * k_w.shape[0], dtype=k_w.dtype, device=k_w.device)
+        _linear_init_(weight, bias, fan_in)
+        k_w.copy_(weight[: k_w.shape[0]])
+        v_w.copy_(weight[k_w.shape[0]:])
+        if bias is not None:
+            part(self.k_bias).copy_(bias[: k_w.shape[0]])
+            part(self.v_bias).copy_(bias[k_w.shape[0]:])
 
     def route(self, x: Tensor) -> Tensor:
         """Mixture weights ``[B, N, E]``: softmax of the router; with ``topk``, the top-k renormalized to sum to 1."""

@@ -47,7 +47,7 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +59,7 @@ from headwise.patterns import Causal, Pattern, from_spec
 
 __all__ = ["Capabilities", "Variant", "ProjectedAttention", "SoftmaxAttention", "LAYOUTS", "CAUSAL_MODES",
            "GRID_NEEDS", "OUTPUTS", "WEIGHTS", "check_backend", "resolve_pattern", "with_causal",
-           "key_value_projections", "split_kv_proj", "identity_values"]
+           "fused_projections", "split_kv_proj", "identity_values"]
 
 LAYOUTS = ("tokens", "image", "set")
 CAUSAL_MODES = ("none", "optional", "always")
@@ -310,6 +310,7 @@ class ProjectedAttention(Variant):
 
     capabilities = Capabilities()
     example_config = {"dim": 16, "heads": 2}
+    fused_qkv_init: ClassVar[bool] = False  # q, k, v were one qkv_proj layer in earlier versions (initialisation)
 
     @dataclass
     class Config:
@@ -344,12 +345,19 @@ class ProjectedAttention(Variant):
             return self.heads
 
     def build(self, cfg) -> None:
-        H, H_kv, D = cfg.heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, H * D, bias=cfg.qkv_bias)
-        self.k_proj, self.v_proj = key_value_projections(cfg.dim, H_kv * D, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(H * D, cfg.dim, bias=cfg.out_bias)
+        self.q_proj, self.k_proj, self.v_proj = self.input_projections(cfg)
+        self.out_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
         self.dropout = nn.Dropout(cfg.dropout)
         self._register_load_state_dict_pre_hook(split_kv_proj, with_module=True)
+
+    def input_projections(self, cfg) -> list[nn.Linear]:
+        """``q_proj`` (``C -> H D``), ``k_proj`` and ``v_proj`` (``C -> H_kv D``), initialised as the fused layers of
+        earlier versions (:func:`fused_projections`): ``q`` and ``k|v``, or one ``q|k|v`` layer where
+        ``fused_qkv_init``; so, for a given seed, the initial weights did not change when they were split."""
+        H, F = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        if self.fused_qkv_init:
+            return fused_projections(cfg.dim, [H, F, F], bias=cfg.qkv_bias)
+        return [nn.Linear(cfg.dim, H, bias=cfg.qkv_bias), *fused_projections(cfg.dim, [F, F], bias=cfg.qkv_bias)]
 
     # the sizes every attention step needs, read from the config
     @property
@@ -423,19 +431,19 @@ def identity_values(k: Tensor) -> Tensor:
     return torch.eye(M, dtype=k.dtype, device=k.device).expand(B, H_kv, M, M)  # (B, H_kv, M, M)
 
 
-def key_value_projections(dim: int, features: int, *, bias: bool = True) -> tuple[nn.Linear, nn.Linear]:
-    """``k_proj`` and ``v_proj`` (``dim -> features`` each), initialised as ONE ``dim -> 2 features`` linear layer
-    split in two: for a given seed, the same initial weights as the fused ``kv_proj`` of earlier versions (and the
-    same random stream afterwards), so seeded results did not change when the projections were split."""
-    kv = nn.Linear(dim, 2 * features, bias=bias)
-    k_proj = skip_init(nn.Linear, dim, features, bias=bias)
-    v_proj = skip_init(nn.Linear, dim, features, bias=bias)
+def fused_projections(dim: int, features: Sequence[int], *, bias: bool = True) -> list[nn.Linear]:
+    """Linear layers ``dim -> features[i]``, initialised as ONE ``dim -> sum(features)`` layer split by rows: for a
+    given seed, the same initial weights as the fused projections (``kv_proj``, ``qkv_proj``) of earlier versions,
+    and the same random stream afterwards, so seeded results did not change when the projections were split."""
+    fused = nn.Linear(dim, sum(features), bias=bias)
+    layers = [skip_init(nn.Linear, dim, f, bias=bias) for f in features]
     with torch.no_grad():
-        for part, proj in enumerate((k_proj, v_proj)):
-            proj.weight.copy_(kv.weight.chunk(2)[part])
+        for layer, weight, b in zip(layers, fused.weight.split(list(features)),
+                                    fused.bias.split(list(features)) if bias else [None] * len(features)):
+            layer.weight.copy_(weight)
             if bias:
-                proj.bias.copy_(kv.bias.chunk(2)[part])
-    return k_proj, v_proj
+                layer.bias.copy_(b)
+    return layers
 
 
 LEGACY_WRAPPERS = ("mha.", "attn.", "body.")  # submodules that held the projections before architecture v2

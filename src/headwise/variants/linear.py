@@ -121,6 +121,7 @@ class LinearAttention(ProjectedAttention, RecurrentMixer):
         True
     """
 
+    fused_qkv_init = True  # initialised as the former qkv_proj (same weights for a given seed)
     capabilities = Capabilities(causal="optional", decode=True, weights="method")
     example_config = {"dim": 16, "heads": 2, "chunk": 3}
     aliases = {"block_size": "chunk"}

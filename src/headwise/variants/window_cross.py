@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from headwise.checks import check_positive_int
 from headwise.core.attention import attention
-from headwise.variants.base import Capabilities, Variant, check_backend, key_value_projections, split_kv_proj
+from headwise.variants.base import Capabilities, Variant, check_backend, fused_projections, split_kv_proj
 from headwise.variants.registry import register
 
 __all__ = ["WindowCrossAttention", "naive_window_cross_attention", "relative_position_index", "reliability_balance"]
@@ -99,7 +99,7 @@ class WindowCrossAttention(Variant):
         w, C = cfg.window, cfg.dim
         self._register_load_state_dict_pre_hook(split_kv_proj, with_module=True)
         self.norm = nn.LayerNorm(C)
-        self.k_proj, self.v_proj = key_value_projections(C, C)  # the initial weights of the former fused kv_proj
+        self.k_proj, self.v_proj = fused_projections(C, [C, C])  # the initial weights of the former fused kv_proj
         self.out_proj = nn.Linear(C, C)
         self.bias_table = nn.Parameter(torch.randn((2 * w - 1) ** 2, cfg.heads) * 0.02)  # ((2w-1)^2, H)
         self.register_buffer("relative_index", relative_position_index(w), persistent=False)  # (w*w, w*w)
