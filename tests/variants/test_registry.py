@@ -112,3 +112,14 @@ def test_register_rejects_a_taken_name():
 def test_register_same_class_twice_is_idempotent():
     assert registry.register("mha")(MultiHeadAttention) is MultiHeadAttention
     assert registry.get("mha") is MultiHeadAttention
+
+
+@pytest.mark.parametrize("name", headwise.available())
+def test_the_registry_name_finds_its_file(name):
+    """One file per mechanism: ``variants/<name>.py``, or a paper family's file whose docstring names it."""
+    import sys
+
+    cls = registry.get(name)
+    module = sys.modules[cls.__module__]
+    assert cls.__module__.startswith("headwise.variants.")
+    assert cls.__module__.rsplit(".", 1)[1] == name or f'``"{name}"``' in module.__doc__.split("\n\n")[0], name
