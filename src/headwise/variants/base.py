@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
@@ -59,7 +60,7 @@ from headwise.patterns import Causal, Pattern, from_spec
 
 __all__ = ["Capabilities", "Variant", "ProjectedAttention", "SoftmaxAttention", "LAYOUTS", "CAUSAL_MODES",
            "GRID_NEEDS", "OUTPUTS", "WEIGHTS", "check_backend", "resolve_pattern", "with_causal",
-           "fused_projections", "split_kv_proj", "identity_values"]
+           "fused_projections", "split_kv_proj", "identity_values", "naive_projections"]
 
 LAYOUTS = ("tokens", "image", "set")
 CAUSAL_MODES = ("none", "optional", "always")
@@ -422,6 +423,20 @@ class ProjectedAttention(Variant):
                 f"values is not its attention matrix; record it with headwise.inspect.capture instead")
         q, k, _ = self.project(x) if context is None else self.project(x, context)
         return self.attend(q, k, identity_values(k))  # (B, H, N, M)
+
+
+def naive_projections(m: ProjectedAttention, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The projections of a :class:`~headwise.variants.base.ProjectedAttention` written out with ``F.linear``:
+    ``q`` ``[B, H, N, D]`` from ``x``, ``k``, ``v`` ``[B, H_kv, M, D]`` from ``context`` (``x`` when None); the
+    start of every module-level reference of a projected variant."""
+    c = x if context is None else context
+    B, N, _ = x.shape
+    M = c.shape[1]
+    H, H_kv, D = m.heads, m.kv_heads, m.head_dim
+    q = F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
+    k = F.linear(c, m.k_proj.weight, m.k_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
+    v = F.linear(c, m.v_proj.weight, m.v_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
+    return q, k, v
 
 
 def identity_values(k: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from headwise.checks import check_bool, check_choice, check_positive_int
 from headwise.ops.dma import dma_attention, naive_dma_attention
-from headwise.variants.base import Capabilities, ProjectedAttention, identity_values
+from headwise.variants.base import Capabilities, ProjectedAttention, identity_values, naive_projections
 from headwise.variants.registry import register
 
 __all__ = ["DynamicMaskAttention", "naive_dma", "BIAS_FORMS"]
@@ -121,9 +121,7 @@ def naive_dma(m: DynamicMaskAttention, x: Tensor) -> Tensor:
     ``[B, N, C]``; the output dropout is not applied (compare in ``eval()`` mode)."""
     B, N, _ = x.shape
     H, H_kv, D = m.heads, m.kv_heads, m.head_dim
-    q = F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
-    k = F.linear(x, m.k_proj.weight, m.k_proj.bias).view(B, N, H_kv, D).transpose(1, 2)  # (B, H_kv, N, D)
-    v = F.linear(x, m.v_proj.weight, m.v_proj.bias).view(B, N, H_kv, D).transpose(1, 2)  # (B, H_kv, N, D)
+    q, k, v = naive_projections(m, x)  # (B, H, N, D), 2 x (B, H_kv, N, D)
     dt = F.softplus(F.linear(v.transpose(1, 2).reshape(B, N, H_kv * D), m.dt_proj.weight, m.dt_proj.bias))
     z = (m.A * dt).transpose(1, 2)  # (B, H_kv, N)
     z = z.exp() if m.config.bias_form == "exp" else z

@@ -31,7 +31,7 @@ from headwise.ops.gaussian import (
     importance_factor,
     naive_gaussian_weights,
 )
-from headwise.variants.base import Capabilities, SoftmaxAttention, Variant
+from headwise.variants.base import Capabilities, SoftmaxAttention, Variant, naive_projections
 from headwise.variants.registry import register
 
 __all__ = ["GaussianAdaptiveAttention", "GaussianDotProductAttention", "naive_gaam_attention"]
@@ -253,10 +253,8 @@ def naive_gaam_attention(m: GaussianDotProductAttention, x: Tensor) -> Tensor:
     times the axis length) on each target, materialized attention under the module's pattern
     (:func:`headwise.core.reference.naive_attention`), output projection. No dropout."""
     B, N, _ = x.shape
-    H, H_kv, D = m.heads, m.kv_heads, m.head_dim
-    t = {"q": F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2),  # (B, H, N, D)
-         "k": F.linear(x, m.k_proj.weight, m.k_proj.bias).view(B, N, H_kv, D).transpose(1, 2),  # (B, H_kv, N, D)
-         "v": F.linear(x, m.v_proj.weight, m.v_proj.bias).view(B, N, H_kv, D).transpose(1, 2)}
+    H, D = m.heads, m.head_dim
+    t = dict(zip("qkv", naive_projections(m, x)))  # q (B, H, N, D), k, v (B, H_kv, N, D)
     dim = AXES[m.config.axis]
     for name, g in m.gaussians.items():
         t[name] = t[name] * naive_gaussian_weights(t[name], g.mean_offsets, g.scales, dim) * t[name].shape[dim]

@@ -19,10 +19,10 @@ from torch import Tensor
 
 from headwise import patterns
 from headwise.core.padding import key_masked_attention
-from headwise.variants.base import Capabilities, ProjectedAttention, SoftmaxAttention
+from headwise.variants.base import Capabilities, SoftmaxAttention, naive_projections
 from headwise.variants.registry import register
 
-__all__ = ["MultiHeadAttention", "GroupedQueryAttention", "MultiQueryAttention", "naive_mha", "naive_projections"]
+__all__ = ["MultiHeadAttention", "GroupedQueryAttention", "MultiQueryAttention", "naive_mha"]
 
 
 @register("mha")
@@ -151,20 +151,6 @@ class MultiQueryAttention(MultiHeadAttention):
             if self.kv_heads not in (None, 1):
                 raise ValueError(f"mqa has exactly one key/value head, got kv_heads={self.kv_heads!r}; use gqa for more")
             super().__post_init__()
-
-
-def naive_projections(m: ProjectedAttention, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The projections of a :class:`~headwise.variants.base.ProjectedAttention` written out with ``F.linear``:
-    ``q`` ``[B, H, N, D]`` from ``x``, ``k``, ``v`` ``[B, H_kv, M, D]`` from ``context`` (``x`` when None); the
-    start of every module-level reference of a projected variant."""
-    c = x if context is None else context
-    B, N, _ = x.shape
-    M = c.shape[1]
-    H, H_kv, D = m.heads, m.kv_heads, m.head_dim
-    q = F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
-    k = F.linear(c, m.k_proj.weight, m.k_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
-    v = F.linear(c, m.v_proj.weight, m.v_proj.bias).view(B, M, H_kv, D).transpose(1, 2)  # (B, H_kv, M, D)
-    return q, k, v
 
 
 def naive_mha(m: SoftmaxAttention, x: Tensor, context: Tensor | None = None, key_padding_mask: Tensor | None = None,

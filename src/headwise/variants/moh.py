@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from headwise.checks import check_choice, check_number, is_number
 from headwise.core.reference import naive_attention
 from headwise.ops.head_mixture import dense_head_mixture, gather_head_mixture
-from headwise.variants.base import Capabilities, SoftmaxAttention
-from headwise.variants.mha import MultiHeadAttention, naive_projections
+from headwise.variants.base import Capabilities, SoftmaxAttention, naive_projections
+from headwise.variants.mha import MultiHeadAttention
 from headwise.variants.registry import register
 
 __all__ = ["MixtureOfHeadsAttention", "ReLUMixtureOfHeadsAttention", "naive_moh", "naive_relu_moh", "naive_topk_mask"]

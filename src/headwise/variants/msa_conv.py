@@ -23,7 +23,7 @@ from headwise.core.attention import attention
 from headwise.core.merge import merge_attention
 from headwise.patterns import Pattern
 from headwise.patterns.structured import ConvWindow, CyclicShift, directional_shifts
-from headwise.variants.base import Capabilities, SoftmaxAttention
+from headwise.variants.base import Capabilities, SoftmaxAttention, naive_projections
 from headwise.variants.registry import register
 
 __all__ = ["MSAConv", "pool_grid", "naive_msa_conv", "naive_cell_average"]
@@ -181,9 +181,7 @@ def naive_msa_conv(m: MSAConv, x: Tensor, mask: Tensor | None = None) -> Tensor:
     cfg = m.config
     B, N, _ = x.shape
     H, H_kv, D = m.heads, m.kv_heads, m.head_dim
-    q = F.linear(x, m.q_proj.weight, m.q_proj.bias).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
-    k = F.linear(x, m.k_proj.weight, m.k_proj.bias).view(B, N, H_kv, D).transpose(1, 2)  # (B, H_kv, N, D)
-    v = F.linear(x, m.v_proj.weight, m.v_proj.bias).view(B, N, H_kv, D).transpose(1, 2)  # (B, H_kv, N, D)
+    q, k, v = naive_projections(m, x)  # (B, H, N, D), 2 x (B, H_kv, N, D)
     k, v = (t.repeat_interleave(H // H_kv, dim=1) for t in (k, v))  # (B, H, N, D)
     allowed = (m.pattern.dense_mask(N, N) if mask is None else mask).to(x.device).expand(H, N, N)  # (H, N, N)
     if cfg.pool is not None:
