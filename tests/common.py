@@ -150,40 +150,6 @@ def assert_backward_reaches_every_parameter(module, out, x=None):
         assert p.grad.abs().sum() > 0, name
 
 
-# ---- the contract of a registered variant -----------------------------------------------------------------------
-
-
-def check_shape_and_dtype(spec, kw, N, dtype, *, B=2, dim=64):
-    """Built from ``spec`` (``kw`` for create, torch seed 0) and cast to ``dtype``, the module maps a random
-    ``[B, N, dim]`` input to a finite output of the same shape and dtype."""
-    m = build(spec, dtype=dtype, dim=dim, **kw)
-    y = m(torch.randn(B, N, dim, dtype=dtype))
-    assert y.shape == (B, N, dim) and y.dtype == dtype and torch.isfinite(y).all()
-
-
-def check_gradients_reach_every_parameter(spec, kw, N, *, dim=64):
-    """Built from ``spec`` (as created, torch seed 0), the module passes gradients to its input and every parameter
-    (:func:`assert_backward_reaches_every_parameter`)."""
-    m = build(spec, dtype=None, dim=dim, **kw)
-    x = torch.randn(2, N, dim, requires_grad=True)
-    assert_backward_reaches_every_parameter(m, m(x), x)
-
-
-def check_deterministic_under_seed(spec, kw, N, *, B=2, dim=64, seed=7, eval_mode=True, input_seed=3, calls=2):
-    """Two modules built from ``spec`` after ``torch.manual_seed(seed)`` (as created, put in eval mode unless
-    ``eval_mode`` is false) give bit-identical outputs, ``calls`` times each, on a float32 ``[B, N, dim]`` input
-    drawn from ``input_seed`` (from the global RNG right after each build when None)."""
-    x = None if input_seed is None else rand(B, N, dim, seed=input_seed, dtype=torch.float32)
-    outs = []
-    for _ in range(2):
-        m = build(spec, seed, dtype=None, dim=dim, **kw)
-        if eval_mode:
-            m.eval()
-        inp = torch.randn(B, N, dim) if x is None else x
-        outs += [m(inp) for _ in range(calls)]
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
-
-
 # ---- decoding ---------------------------------------------------------------------------------------------------
 
 

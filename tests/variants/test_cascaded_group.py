@@ -7,13 +7,7 @@ import headwise
 from headwise.patterns import Causal, Full, PerHead
 from headwise.variants.cascaded_group import CascadedGroupAttention, naive_cascaded
 from headwise.variants.mha import MultiHeadAttention
-from common import (
-    F64,
-    assert_same_forward_and_grads,
-    check_deterministic_under_seed,
-    check_gradients_reach_every_parameter,
-    check_shape_and_dtype,
-)
+from common import F64, assert_same_forward_and_grads
 
 CASCADES = {
     "H4-1d-k5": dict(heads=4, N=37),
@@ -89,28 +83,6 @@ def test_renamed_key_dim_and_bias_still_work():
     assert m.qkvs[0].bias is None and m.dws[0].bias is None and m.proj.bias is None
     m = CascadedGroupAttention(16, 2, out_bias=False)
     assert m.qkvs[0].bias is not None and m.dws[0].bias is not None and m.proj.bias is None
-
-
-CONTRACT = {
-    "cascaded_group": ("cascaded_group", dict(heads=4), 33),
-    "cascaded_group-grid": ("cascaded_group(grid=(3, 11), kernel_size=3)", dict(heads=4), 33),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=["f32", "f64", "bf16"])
-@pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
-def test_shape_and_dtype(name, dtype):
-    check_shape_and_dtype(*CONTRACT[name], dtype)
-
-
-@pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
-def test_gradients_reach_every_parameter(name):
-    check_gradients_reach_every_parameter(*CONTRACT[name])
-
-
-@pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
-def test_deterministic_under_seed(name):
-    check_deterministic_under_seed(*CONTRACT[name])
 
 
 BAD = [

@@ -11,39 +11,14 @@ from headwise.variants.complex import ComplexAttention, naive_complex
 from headwise.variants.mha import MultiHeadAttention
 from common import (
     ABS_TOL,
-    assert_backward_reaches_every_parameter,
     assert_loads_old_checkpoint,
     assert_same_forward_and_grads,
-    build,
-    check_deterministic_under_seed,
-    check_shape_and_dtype,
     fused_checkpoint,
     rand,
     randomize_,
 )
 
 DIM, HEADS = 48, 4  # head_dim 12
-
-SPECS = ["complex", "complex(causal=True)"]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("spec", SPECS)
-def test_shape_and_dtype(spec, dtype):
-    check_shape_and_dtype(spec, dict(heads=HEADS), 17, dtype, B=3, dim=DIM)
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_gradients_reach_every_parameter(spec):
-    m = randomize_(build(spec, dim=DIM, heads=HEADS))  # from the init some gradients are structurally zero
-    assert_backward_reaches_every_parameter(m, m(rand(2, 63, DIM)))
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_deterministic_under_seed(spec):
-    check_deterministic_under_seed(spec, dict(heads=HEADS), 20, dim=DIM, seed=123, eval_mode=False, input_seed=None,
-                                   calls=1)
-
 
 @pytest.mark.parametrize("N", [1, 63])
 @pytest.mark.parametrize("causal", ["none", "pattern", "field"])

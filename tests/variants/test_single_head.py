@@ -6,13 +6,7 @@ import torch
 import headwise
 from headwise.patterns import Causal, Full, PerHead
 from headwise.variants.single_head import SingleHeadAttention, naive_single_head
-from common import (
-    F64,
-    assert_same_forward_and_grads,
-    check_deterministic_under_seed,
-    check_gradients_reach_every_parameter,
-    check_shape_and_dtype,
-)
+from common import F64, assert_same_forward_and_grads
 
 
 @pytest.mark.parametrize("partial, pattern, norm", [(0.25, None, "group"), (1.0, Causal(), "layer"), (0.3, None, "layer")],
@@ -56,25 +50,6 @@ def test_bias_is_renamed_qkv_bias_and_out_bias():
     assert not m.config.qkv_bias and not m.config.out_bias and m.qkv.bias is None and m.proj.bias is None
     m = SingleHeadAttention(32, qkv_bias=False)
     assert m.qkv.bias is None and m.proj.bias is not None
-
-
-CONTRACT = {"single_head": ("single_head", dict(), 33), "single_head-causal": ("single_head(causal=True)", dict(), 33)}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=["f32", "f64", "bf16"])
-@pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
-def test_shape_and_dtype(name, dtype):
-    check_shape_and_dtype(*CONTRACT[name], dtype)
-
-
-@pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
-def test_gradients_reach_every_parameter(name):
-    check_gradients_reach_every_parameter(*CONTRACT[name])
-
-
-@pytest.mark.parametrize("name", CONTRACT, ids=list(CONTRACT))
-def test_deterministic_under_seed(name):
-    check_deterministic_under_seed(*CONTRACT[name])
 
 
 BAD = [

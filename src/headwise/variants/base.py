@@ -514,7 +514,14 @@ class SoftmaxAttention(ProjectedAttention):
 
     def build(self, cfg) -> None:
         super().build(cfg)
-        self.pattern = with_causal(cfg.pattern, cfg.causal)  # the pattern every call applies
+        pattern = with_causal(cfg.pattern, cfg.causal)  # the config's restriction
+        own = self.structural_pattern(cfg)
+        self.pattern = own if pattern is None else pattern if own is None else own & pattern  # what every call applies
+
+    def structural_pattern(self, cfg) -> Pattern | None:
+        """The pattern that defines the mechanism (a halo, a convolution window), intersected with the config's
+        ``pattern`` and ``causal``; None (default): the config's alone."""
+        return None
 
     @property
     def backend(self) -> str:

@@ -65,10 +65,8 @@ class HaloAttention(SoftmaxAttention):
                 raise ValueError("halo needs grid=(H, W) (or (N,), (T, H, W)), the token grid; got grid=None")
             self.grid = Halo(self.grid, self.block, self.halo).grid  # validates grid, block and halo
 
-    def build(self, cfg) -> None:
-        super().build(cfg)  # self.pattern: the config's pattern (and Causal) or None
-        halo = Halo(cfg.grid, cfg.block, cfg.halo)
-        self.pattern = halo if self.pattern is None else halo & self.pattern
+    def structural_pattern(self, cfg) -> Pattern:
+        return Halo(cfg.grid, cfg.block, cfg.halo)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``[B, N, C]`` (``N = prod(grid)``) -> ``[B, N, C]``."""

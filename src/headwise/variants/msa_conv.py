@@ -133,10 +133,8 @@ class MSAConv(SoftmaxAttention):
             return cls.capabilities
         return dataclasses.replace(cls.capabilities, causal="none", softmax=False)
 
-    def build(self, cfg) -> None:
-        super().build(cfg)  # self.pattern: the config's pattern (and Causal) or None
-        window = cfg.window()
-        self.pattern = window if self.pattern is None else window & self.pattern
+    def structural_pattern(self, cfg) -> Pattern:
+        return cfg.window()
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``[B, N, C]`` (``N = prod(grid)``) -> ``[B, N, C]``."""
